@@ -1,0 +1,69 @@
+"""rigl_func: functional dynamic sparse training (RigL, Evci et al. 2020) for PyTorch.
+
+Pure functions over ``dict[str, Tensor]`` trees and an immutable :class:`RigLState`;
+they compose with ``torch.func`` (``functional_call``, ``grad``, ``vmap``) and
+``torch.compile``. :class:`RigLScheduler` is a drop-in, stateful shell for rigl-torch
+users.
+"""
+
+from __future__ import annotations
+
+from rigl_func.config import RigLConfig
+from rigl_func.criteria import CRITERIA, gradient, magnitude, resolve_criterion
+from rigl_func.distributions import erdos_renyi, erk, get_distribution, nnz_for, uniform
+from rigl_func.masks import (
+    apply_masks,
+    init_masks,
+    sparse_param_names,
+    target_nnz,
+    target_sparsities,
+    validate_masks,
+)
+from rigl_func.optim import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
+from rigl_func.schedules import (
+    constant_schedule,
+    cosine_schedule,
+    drop_fraction,
+    is_update_step,
+    linear_schedule,
+)
+from rigl_func.selection import drop, grow
+from rigl_func.state import RigLState, check_state, init_state
+from rigl_func.topology import accumulate, update_layer, update_topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RigLConfig",
+    "RigLState",
+    "CRITERIA",
+    "accumulate",
+    "apply_masks",
+    "check_state",
+    "constant_schedule",
+    "cosine_schedule",
+    "drop",
+    "drop_fraction",
+    "erdos_renyi",
+    "erk",
+    "get_distribution",
+    "gradient",
+    "grow",
+    "init_masks",
+    "init_state",
+    "is_update_step",
+    "linear_schedule",
+    "magnitude",
+    "mask_torch_optimizer_state_",
+    "nnz_for",
+    "reset_optimizer_state",
+    "reset_torch_optimizer_state_",
+    "resolve_criterion",
+    "sparse_param_names",
+    "target_nnz",
+    "target_sparsities",
+    "uniform",
+    "update_layer",
+    "update_topology",
+    "validate_masks",
+]

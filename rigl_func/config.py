@@ -1,0 +1,178 @@
+"""Static hyperparameters of RigL: a frozen, hashable, validated config.
+
+Everything that does not change during training lives here (sparsity, distribution,
+``delta``, ``t_end``, ``alpha``, schedule, criteria, accumulation window, which layers
+are sparse). Being hashable, a config can be a static argument of ``torch.compile``.
+Everything that changes lives in :class:`rigl_func.RigLState`.
+
+Names follow the RigL paper (Evci et al. 2020, Sec. 3): ``delta`` is ΔT, the number
+of steps between topology updates, ``t_end`` is T_end, the step after which the
+topology is frozen, ``alpha`` is the initial drop fraction α.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Union
+
+__all__ = ["RigLConfig", "Criterion"]
+
+Criterion = Callable[..., "object"]
+CriterionSpec = Union[str, Callable]
+
+_SCHEDULES = ("cosine", "constant", "linear")
+_GROW_INITS = ("zeros",)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RigLConfig:
+    """Frozen RigL hyperparameters (validated on construction, hashable).
+
+    Args:
+        t_end: T_end, the first step at which no topology update happens any more
+            (paper: 75% of training). Must be > 0.
+        sparsity: overall fraction of zeros over the sparse layers, in [0, 1).
+        distribution: per-layer sparsity distribution, ``"uniform"``,
+            ``"erdos_renyi"`` (``"er"``) or ``"erk"``.
+        delta: ΔT, steps between topology updates, > 0.
+        alpha: initial drop fraction α in [0, 1].
+        schedule: drop-fraction schedule ``"cosine"`` (paper default),
+            ``"constant"`` or ``"linear"``; see :mod:`rigl_func.schedules`.
+        t_start: first step at which updates may happen (default 0).
+        drop_criterion: name in :data:`rigl_func.criteria.CRITERIA` or a function
+            ``(param, grad, mask) -> scores``; the lowest-scoring active entries
+            are dropped. Default ``"magnitude"`` (|w|).
+        grow_criterion: same form; the highest-scoring inactive entries are grown.
+            Default ``"gradient"`` (|dL/dw| of the dense gradient).
+        grow_init: value of genuinely new connections, ``"zeros"``.
+        grad_accumulation_n: number of most recent steps whose dense gradients are
+            averaged for the grow score, in [1, delta) (rigl-torch's extension).
+        include: regular expressions; when non-empty, only parameters whose name
+            matches one of them (``re.search``) are sparsified.
+        exclude: regular expressions; matching parameters stay dense.
+        dense: exact parameter names kept dense (left out of the sparsity budget).
+        erk_power_scale: exponent of the ERK raw score (1.0 = paper).
+
+    Raises:
+        ValueError: a field has an invalid value; the message names it.
+        TypeError: a field has the wrong type; the message names it.
+
+    Example:
+        >>> cfg = RigLConfig(t_end=750, sparsity=0.9, delta=100)
+        >>> cfg.alpha, cfg.schedule, cfg.distribution
+        (0.3, 'cosine', 'erk')
+        >>> hash(cfg) == hash(RigLConfig(t_end=750, sparsity=0.9, delta=100))
+        True
+    """
+
+    t_end: int
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    delta: int = 100
+    alpha: float = 0.3
+    schedule: str = "cosine"
+    t_start: int = 0
+    drop_criterion: CriterionSpec = "magnitude"
+    grow_criterion: CriterionSpec = "gradient"
+    grow_init: str = "zeros"
+    grad_accumulation_n: int = 1
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    dense: tuple[str, ...] = ()
+    erk_power_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        from rigl_func.criteria import resolve_criterion
+        from rigl_func.distributions import get_distribution
+
+        for name in ("t_end", "delta", "t_start", "grad_accumulation_n"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {name}={value!r}")
+        for name in ("sparsity", "alpha", "erk_power_scale"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+        if self.t_end <= 0:
+            raise ValueError(f"t_end must be > 0, got t_end={self.t_end}")
+        if self.delta <= 0:
+            raise ValueError(f"delta must be > 0, got delta={self.delta}")
+        if not 0 <= self.t_start < self.t_end:
+            raise ValueError(
+                f"t_start must be in [0, t_end={self.t_end}), got t_start={self.t_start}"
+            )
+        if not (math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
+            raise ValueError(f"sparsity must be in [0, 1), got sparsity={self.sparsity!r}")
+        if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got alpha={self.alpha!r}")
+        if not (math.isfinite(self.erk_power_scale) and self.erk_power_scale >= 0):
+            raise ValueError(
+                f"erk_power_scale must be finite and >= 0, got erk_power_scale={self.erk_power_scale!r}"
+            )
+        if not 1 <= self.grad_accumulation_n < self.delta:
+            raise ValueError(
+                f"grad_accumulation_n must be in [1, delta={self.delta}), "
+                f"got grad_accumulation_n={self.grad_accumulation_n}"
+            )
+        if not isinstance(self.distribution, str):
+            raise TypeError(f"distribution must be a str, got distribution={self.distribution!r}")
+        get_distribution(self.distribution)
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {_SCHEDULES}, got schedule={self.schedule!r}")
+        if self.grow_init not in _GROW_INITS:
+            raise ValueError(f"grow_init must be one of {_GROW_INITS}, got grow_init={self.grow_init!r}")
+        resolve_criterion(self.drop_criterion, "drop_criterion")
+        resolve_criterion(self.grow_criterion, "grow_criterion")
+        for name in ("include", "exclude", "dense"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, tuple):
+                raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
+            for item in value:
+                if not isinstance(item, str):
+                    raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name} has an invalid regex {pattern!r}: {err}") from None
+        if self.delta >= self.t_end:
+            warnings.warn(
+                f"delta={self.delta} >= t_end={self.t_end}: no topology update will ever "
+                "happen (the masks stay static)",
+                stacklevel=3,
+            )
+
+    def is_sparse_name(self, name: str) -> bool:
+        """Whether the config's include/exclude/dense rules let ``name`` be sparse.
+
+        Args:
+            name: a parameter name as in ``named_parameters()``.
+
+        Returns:
+            ``False`` if ``name`` is in ``dense``, matches an ``exclude`` pattern, or
+            ``include`` is non-empty and ``name`` matches none of its patterns.
+
+        Example:
+            >>> RigLConfig(t_end=10, delta=5, exclude=("^fc",)).is_sparse_name("fc.weight")
+            False
+        """
+        if name in self.dense:
+            return False
+        if any(re.search(p, name) for p in self.exclude):
+            return False
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return True

@@ -1,0 +1,218 @@
+"""Masks: which parameters are sparse, random initial masks, and applying masks.
+
+Masks are ``dict[str, Tensor]`` of bool tensors keyed by ``named_parameters()`` names
+and shaped like the parameter; dense parameters are simply absent. The initial
+topology of RigL is random with an exact number of active entries per layer
+(Evci et al. 2020, Sec. 3), given by the sparsity distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from rigl_func.distributions import get_distribution, nnz_for
+
+if TYPE_CHECKING:
+    from rigl_func.config import RigLConfig
+
+__all__ = [
+    "SPARSIFIABLE_MODULES",
+    "sparse_param_names",
+    "target_sparsities",
+    "target_nnz",
+    "init_masks",
+    "apply_masks",
+    "validate_masks",
+    "map_masked_leaves",
+]
+
+#: Module types whose ``weight`` is sparsified by default (subclasses included).
+SPARSIFIABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
+
+Params = Mapping[str, Tensor]
+
+
+def sparse_param_names(model_or_params: Union[nn.Module, Params], config: RigLConfig) -> list[str]:
+    """Names of the parameters to sparsify, in ``named_parameters()`` order.
+
+    From a module: the ``weight`` of every ``Linear`` and ``Conv{1,2,3}d`` (and
+    transposed convs and subclasses); never biases, normalization layers or
+    embeddings. From a params dict (no module types available): every tensor with
+    at least 2 dims. Then ``config.include`` / ``config.exclude`` / ``config.dense``
+    filter the names.
+
+    Args:
+        model_or_params: an ``nn.Module`` or a ``dict[str, Tensor]``.
+        config: the RigL config.
+
+    Returns:
+        list of parameter names.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> sparse_param_names(net, RigLConfig(t_end=10, delta=5))
+        ['0.weight', '2.weight']
+    """
+    if isinstance(model_or_params, nn.Module):
+        candidates = []
+        for mod_name, module in model_or_params.named_modules():
+            if isinstance(module, SPARSIFIABLE_MODULES) and isinstance(getattr(module, "weight", None), Tensor):
+                candidates.append(f"{mod_name}.weight" if mod_name else "weight")
+        order = [name for name, _ in model_or_params.named_parameters()]
+        chosen = set(candidates)
+        names = [n for n in order if n in chosen]
+    elif isinstance(model_or_params, Mapping):
+        names = [n for n, t in model_or_params.items() if isinstance(t, Tensor) and t.dim() >= 2]
+    else:
+        raise TypeError(f"model_or_params must be an nn.Module or a dict of tensors, got {type(model_or_params).__name__}")
+    return [n for n in names if config.is_sparse_name(n)]
+
+
+def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, float]:
+    """Per-layer sparsity that ``config``'s distribution assigns to ``shapes``.
+
+    Args:
+        shapes: name -> shape of the sparse layers only.
+        config: supplies ``distribution``, ``sparsity`` and ``erk_power_scale``.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> target_sparsities({"w": (10, 10)}, RigLConfig(t_end=10, delta=5, sparsity=0.5))
+        {'w': 0.5}
+    """
+    fn = get_distribution(config.distribution)
+    shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+    if config.distribution == "erk":
+        return fn(shapes, config.sparsity, power_scale=config.erk_power_scale)
+    return fn(shapes, config.sparsity)
+
+
+def target_nnz(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, int]:
+    """Exact number of active entries per sparse layer (see :func:`nnz_for`).
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> target_nnz({"w": (10, 10)}, RigLConfig(t_end=10, delta=5, sparsity=0.9, distribution="uniform"))
+        {'w': 10}
+    """
+    sparsities = target_sparsities(shapes, config)
+    return {k: nnz_for(math.prod(shapes[k]), s) for k, s in sparsities.items()}
+
+
+def init_masks(
+    shapes: Mapping[str, Any],
+    nnz: Mapping[str, int],
+    *,
+    generator: torch.Generator,
+    device: Union[str, torch.device, Mapping[str, torch.device], None] = None,
+) -> dict[str, Tensor]:
+    """Uniformly random masks with exactly ``nnz[name]`` active entries each.
+
+    Random numbers are drawn on the CPU from ``generator`` in the order of
+    ``shapes``, so the same seed gives the same masks on every device and process.
+
+    Args:
+        shapes: name -> shape.
+        nnz: name -> number of active entries (``0 <= nnz <= numel``).
+        generator: a CPU ``torch.Generator`` (explicit randomness).
+        device: where to put the masks (one device or a name -> device mapping).
+
+    Returns:
+        dict name -> bool tensor of that shape.
+
+    Example:
+        >>> m = init_masks({"w": (3, 4)}, {"w": 5}, generator=torch.Generator().manual_seed(0))
+        >>> int(m["w"].sum()), m["w"].dtype
+        (5, torch.bool)
+    """
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got generator={generator!r}")
+    masks = {}
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        k = nnz[name]
+        if not 0 <= k <= numel:
+            raise ValueError(f"nnz[{name!r}] must be in [0, {numel}], got {k}")
+        flat = torch.zeros(numel, dtype=torch.bool)
+        flat[torch.randperm(numel, generator=generator)[:k]] = True
+        dev = device.get(name) if isinstance(device, Mapping) else device
+        masks[name] = flat.reshape(tuple(shape)).to(dev) if dev is not None else flat.reshape(tuple(shape))
+    return masks
+
+
+def map_masked_leaves(tree: Any, masks: Mapping[str, Tensor], fn) -> Any:
+    """Rebuild ``tree``, replacing each tensor stored under a key of ``masks`` by
+    ``fn(tensor, masks[key])``. Dicts, lists, tuples and NamedTuples are walked, so
+    params, grads and nested optimizer states (``{"exp_avg": {name: t}}``) all work.
+    Tensors whose shape differs from the mask's (e.g. Adam's scalar ``step``) are
+    left alone. Pure.
+    """
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            mask = masks.get(key) if isinstance(key, str) else None
+            if mask is not None and isinstance(value, Tensor) and value.shape == mask.shape:
+                out[key] = fn(value, mask)
+            else:
+                out[key] = map_masked_leaves(value, masks, fn)
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_masked_leaves(v, masks, fn) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_masked_leaves(v, masks, fn) for v in tree)
+    return tree
+
+
+def apply_masks(tree: Any, masks: Mapping[str, Tensor]) -> Any:
+    """Zero the inactive entries of every tensor keyed like ``masks``.
+
+    Args:
+        tree: ``dict[str, Tensor]`` shaped like the params (params, grads,
+            optimizer moments), possibly nested in dicts/lists/tuples.
+        masks: ``dict[str, bool Tensor]``; keys absent from masks are untouched.
+
+    Returns:
+        A new tree; masked entries are exactly ``0`` (also where the input held
+        NaN/inf). Pure: inputs are not modified.
+
+    Example:
+        >>> apply_masks({"w": torch.ones(2, 2), "b": torch.ones(2)}, {"w": torch.eye(2, dtype=torch.bool)})["w"]
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    return map_masked_leaves(tree, masks, lambda t, m: torch.where(m, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+
+
+def validate_masks(masks: Mapping[str, Tensor], params: Params, *, argname: str = "masks") -> None:
+    """Raise if ``masks`` do not fit ``params`` (keys, shapes, dtype, device).
+
+    Raises:
+        TypeError: a mask is not a bool tensor.
+        ValueError: a mask's key is not a parameter, or its shape or device differs.
+
+    Example:
+        >>> validate_masks({"w": torch.ones(2, 2, dtype=torch.bool)}, {"w": torch.zeros(2, 3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: masks['w'] has shape (2, 2) but params['w'] has shape (2, 3)
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{argname} must be a dict of bool tensors, got {type(masks).__name__}")
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"{argname} has key {name!r} that is not in params (params keys: {list(params)[:8]}...)")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{argname}[{name!r}] must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        param = params[name]
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(f"{argname}[{name!r}] has shape {tuple(mask.shape)} but params[{name!r}] has shape {tuple(param.shape)}")
+        if mask.device != param.device:
+            raise ValueError(f"{argname}[{name!r}] is on {mask.device} but params[{name!r}] is on {param.device}")
+        if not param.is_floating_point():
+            raise TypeError(f"params[{name!r}] must be floating point to be sparsified, got {param.dtype}")

@@ -1,0 +1,93 @@
+"""Optimizer-state hygiene for sparse training.
+
+RigL (Evci et al. 2020, Sec. 3) starts genuinely new connections from zero *with a
+fresh optimizer state*: their SGD momentum and Adam moments must be zero, and so must
+the state at inactive positions, or a later regrowth would inherit stale momentum.
+Positions kept across an update (including dropped-and-regrown ones) keep their state.
+
+* :func:`reset_optimizer_state` is pure and works on any pytree of moments keyed by
+  parameter name (functional optimizers, ``torch.func`` loops).
+* :func:`reset_torch_optimizer_state_` / :func:`mask_torch_optimizer_state_` edit a
+  ``torch.optim`` optimizer in place (trailing underscore, PyTorch's convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rigl_func.masks import map_masked_leaves
+
+__all__ = ["reset_optimizer_state", "reset_torch_optimizer_state_", "mask_torch_optimizer_state_"]
+
+
+def _keep(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if set(old) != set(new):
+        raise ValueError(f"old_masks and new_masks must have the same keys, got {sorted(old)} and {sorted(new)}")
+    return {k: old[k] & new[k] for k in new}
+
+
+def reset_optimizer_state(opt_state: Any, old_masks: Mapping[str, Tensor], new_masks: Mapping[str, Tensor]) -> Any:
+    """Zero optimizer moments except where a connection was active before *and* after.
+
+    Args:
+        opt_state: pytree (dicts/lists/tuples/NamedTuples) whose leaves keyed by a
+            sparse parameter's name are moments shaped like that parameter, e.g.
+            ``{"momentum": {"fc.weight": t}}``. Other leaves pass through.
+        old_masks: masks before the update. new_masks: masks after it.
+
+    Returns:
+        New pytree; new connections and inactive positions hold 0. Pure.
+
+    Example:
+        >>> old = {"w": torch.tensor([True, True, False])}
+        >>> new = {"w": torch.tensor([True, False, True])}
+        >>> reset_optimizer_state({"mom": {"w": torch.ones(3)}}, old, new)["mom"]["w"]
+        tensor([1., 0., 0.])
+    """
+    keep = _keep(old_masks, new_masks)
+    return map_masked_leaves(
+        opt_state, keep, lambda t, m: torch.where(m, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    )
+
+
+def _edit_torch_state_(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    for name, keep in masks.items():
+        state = optimizer.state.get(params[name])
+        if not state:
+            continue
+        for value in state.values():
+            if isinstance(value, Tensor) and value.shape == keep.shape:
+                value.masked_fill_(~keep, 0)
+
+
+@torch.no_grad()
+def reset_torch_optimizer_state_(
+    optimizer: torch.optim.Optimizer,
+    params: Mapping[str, Tensor],
+    old_masks: Mapping[str, Tensor],
+    new_masks: Mapping[str, Tensor],
+) -> None:
+    """In place: zero every per-parameter state tensor of ``optimizer`` (SGD
+    ``momentum_buffer``, Adam/AdamW ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, ...)
+    at new connections and inactive positions.
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer.
+        params: name -> the parameter objects the optimizer holds.
+        old_masks, new_masks: masks before and after the topology update.
+    """
+    _edit_torch_state_(optimizer, params, _keep(old_masks, new_masks))
+
+
+@torch.no_grad()
+def mask_torch_optimizer_state_(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], masks: Mapping[str, Tensor]
+) -> None:
+    """In place: zero ``optimizer``'s per-parameter state at inactive positions."""
+    _edit_torch_state_(optimizer, params, masks)

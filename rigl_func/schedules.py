@@ -1,0 +1,141 @@
+"""Drop-fraction schedules and the update-step predicate (RigL paper, Sec. 3, Eq. 1).
+
+The fraction of active connections replaced at update step ``t`` is ``f(t)``; the
+paper's default is cosine annealing
+
+    f(t) = alpha / 2 * (1 + cos(pi * t / T_end))
+
+With a start step ``t_start`` the progress is ``p = (t - t_start) / (T_end - t_start)``
+clipped to [0, 1] (``t_start = 0`` gives the paper's formula):
+
+* ``cosine``:   f = alpha / 2 * (1 + cos(pi * p))
+* ``constant``: f = alpha
+* ``linear``:   f = alpha * (1 - p)
+
+Every function accepts a Python ``int`` step (returns Python values) or a 0-d integer
+tensor (returns 0-d tensors, no host sync), so they run inside ``torch.compile`` and
+``vmap``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from rigl_func.config import RigLConfig
+
+__all__ = [
+    "cosine_schedule",
+    "constant_schedule",
+    "linear_schedule",
+    "drop_fraction",
+    "is_update_step",
+    "SCHEDULES",
+]
+
+Step = Union[int, torch.Tensor]
+
+
+def _progress(step: Step, t_start: int, t_end: int):
+    span = float(t_end - t_start)
+    if isinstance(step, torch.Tensor):
+        return ((step.to(torch.float64) - t_start) / span).clamp(0.0, 1.0)
+    return min(max((step - t_start) / span, 0.0), 1.0)
+
+
+def cosine_schedule(step: Step, alpha: float, t_end: int, t_start: int = 0):
+    """Cosine-annealed drop fraction ``alpha/2 * (1 + cos(pi * p))``.
+
+    Args:
+        step: current step, int or 0-d integer tensor.
+        alpha: initial drop fraction.
+        t_end: step at which the fraction reaches 0.
+        t_start: step at which the fraction is ``alpha``.
+
+    Returns:
+        float, or 0-d float64 tensor if ``step`` is a tensor.
+
+    Example:
+        >>> round(cosine_schedule(0, 0.3, 100), 6), round(cosine_schedule(50, 0.3, 100), 6)
+        (0.3, 0.15)
+    """
+    p = _progress(step, t_start, t_end)
+    if isinstance(p, torch.Tensor):
+        return alpha / 2 * (1 + torch.cos(math.pi * p))
+    return alpha / 2 * (1 + math.cos(math.pi * p))
+
+
+def constant_schedule(step: Step, alpha: float, t_end: int, t_start: int = 0):
+    """Constant drop fraction ``alpha`` (SET's original schedule).
+
+    Example:
+        >>> constant_schedule(70, 0.3, 100)
+        0.3
+    """
+    if isinstance(step, torch.Tensor):
+        return torch.full((), alpha, dtype=torch.float64, device=step.device)
+    return float(alpha)
+
+
+def linear_schedule(step: Step, alpha: float, t_end: int, t_start: int = 0):
+    """Linearly decaying drop fraction ``alpha * (1 - p)``.
+
+    Example:
+        >>> round(linear_schedule(25, 0.4, 100), 6)
+        0.3
+    """
+    p = _progress(step, t_start, t_end)
+    if isinstance(p, torch.Tensor):
+        return alpha * (1 - p)
+    return alpha * (1 - p)
+
+
+SCHEDULES = {"cosine": cosine_schedule, "constant": constant_schedule, "linear": linear_schedule}
+
+
+def drop_fraction(step: Step, config: RigLConfig):
+    """Drop fraction ``f(step)`` for ``config.schedule``.
+
+    Args:
+        step: int or 0-d integer tensor.
+        config: supplies ``schedule``, ``alpha``, ``t_end``, ``t_start``.
+
+    Returns:
+        float, or 0-d float64 tensor if ``step`` is a tensor.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> round(drop_fraction(100, RigLConfig(t_end=200, delta=100, alpha=0.3)), 6)
+        0.15
+    """
+    fn = SCHEDULES[config.schedule]
+    return fn(step, config.alpha, config.t_end, config.t_start)
+
+
+def is_update_step(step: Step, config: RigLConfig):
+    """Whether a topology update happens at ``step``.
+
+    True iff ``step > 0``, ``t_start <= step < t_end`` and
+    ``(step - t_start) % delta == 0``. Steps count completed training iterations,
+    as :func:`rigl_func.accumulate` does: the first update happens on the
+    ``delta``-th iteration (rigl-torch's convention).
+
+    Args:
+        step: int or 0-d integer tensor.
+        config: supplies ``delta``, ``t_start``, ``t_end``.
+
+    Returns:
+        bool, or 0-d bool tensor if ``step`` is a tensor.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> cfg = RigLConfig(t_end=300, delta=100)
+        >>> [s for s in range(0, 401, 50) if is_update_step(s, cfg)]
+        [100, 200]
+    """
+    on_grid = (step - config.t_start) % config.delta == 0
+    in_range = (step >= config.t_start) & (step < config.t_end) & (step > 0)
+    return on_grid & in_range

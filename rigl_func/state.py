@@ -1,0 +1,148 @@
+"""``RigLState``: the immutable pytree that carries everything RigL changes.
+
+A NamedTuple of tensors only (no ``None`` leaves), so it passes through
+``torch.func.vmap``, ``torch.compile`` and ``torch.utils._pytree`` unchanged. Update
+it with ``state._replace(...)``; every function here returns a new state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from rigl_func.config import RigLConfig
+from rigl_func.masks import init_masks, sparse_param_names, target_nnz, validate_masks
+
+__all__ = ["RigLState", "init_state", "check_state", "zeros_accumulator"]
+
+
+class RigLState(NamedTuple):
+    """Mutable-in-spirit, immutable-in-fact RigL state.
+
+    Attributes:
+        masks: ``dict[str, bool Tensor]`` keyed like ``named_parameters()``; only
+            sparse layers appear.
+        step: shape=(), int64: training iterations seen so far (incremented by
+            :func:`rigl_func.accumulate`).
+        num_updates: shape=(), int64: topology updates performed so far.
+        grad_acc: ``dict[str, Tensor]`` running mean of the dense gradients inside
+            the accumulation window, same keys/shapes/dtypes as the sparse params;
+            empty (no memory) when ``grad_accumulation_n == 1``.
+    """
+
+    masks: dict[str, Tensor]
+    step: Tensor  # shape=(), int64
+    num_updates: Tensor  # shape=(), int64
+    grad_acc: dict[str, Tensor]
+
+
+def zeros_accumulator(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], config: RigLConfig) -> dict[str, Tensor]:
+    """Zero gradient accumulators for the sparse layers (``{}`` if not accumulating)."""
+    if config.grad_accumulation_n == 1:
+        return {}
+    return {name: torch.zeros_like(params[name]) for name in masks}
+
+
+def init_state(
+    model_or_params: Union[nn.Module, Mapping[str, Tensor]],
+    config: RigLConfig,
+    *,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    masks: Optional[Mapping[str, Tensor]] = None,
+) -> RigLState:
+    """Choose the sparse layers, compute their sparsities and draw random masks.
+
+    Exactly one of ``seed`` / ``generator`` / ``masks`` must be given. Masks are
+    drawn on the CPU (same seed, same masks on every device and process) and placed
+    on each parameter's device. Remember to zero the params afterwards:
+    ``params = rigl_func.apply_masks(params, state.masks)``.
+
+    Args:
+        model_or_params: an ``nn.Module`` or a ``dict[str, Tensor]`` of params.
+        config: the RigL config.
+        seed: integer seed for the random initial topology.
+        generator: a CPU ``torch.Generator`` instead of ``seed``.
+        masks: ready-made masks (e.g. from SNIP); validated against the config.
+
+    Returns:
+        A fresh :class:`RigLState` with ``step == 0`` and ``num_updates == 0``.
+
+    Raises:
+        TypeError/ValueError: missing/duplicate randomness source, masks that do not
+            fit the params or the config.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> net = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 2))
+        >>> cfg = RigLConfig(t_end=100, delta=10, sparsity=0.8, distribution="uniform")
+        >>> state = init_state(net, cfg, seed=0)
+        >>> {k: int(m.sum()) for k, m in state.masks.items()}
+        {'0.weight': 40, '2.weight': 4}
+    """
+    given = sum(x is not None for x in (seed, generator, masks))
+    if given != 1:
+        raise TypeError("init_state needs exactly one of seed=, generator= or masks= "
+                        f"(got seed={seed!r}, generator={generator!r}, masks={'...' if masks is not None else None})")
+    if not isinstance(config, RigLConfig):
+        raise TypeError(f"config must be a RigLConfig, got config={config!r}")
+    if isinstance(model_or_params, nn.Module):
+        params = dict(model_or_params.named_parameters())
+    else:
+        params = dict(model_or_params)
+    names = sparse_param_names(model_or_params, config)
+    if masks is None:
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int, got seed={seed!r}")
+            generator = torch.Generator().manual_seed(seed)
+        shapes = {n: tuple(params[n].shape) for n in names}
+        masks = init_masks(shapes, target_nnz(shapes, config), generator=generator,
+                           device={n: params[n].device for n in names})
+    else:
+        masks = dict(masks)
+    step_device = next(iter(params.values())).device if params else None
+    zero = torch.zeros((), dtype=torch.int64, device=step_device)
+    state = RigLState(masks=masks, step=zero, num_updates=zero.clone(),
+                      grad_acc=zeros_accumulator(params, masks, config))
+    check_state(state, params, config)
+    return state
+
+
+def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConfig) -> None:
+    """Validate ``state`` against ``params`` and ``config`` (eager; syncs the device).
+
+    Checks the masks' keys, shapes, dtype and devices, that each layer has exactly
+    the number of active entries the config's distribution prescribes, that the
+    counters are 0-d int64 tensors and that the accumulators fit. Use it after
+    loading a checkpoint: a state from another model or config fails here.
+
+    Raises:
+        TypeError/ValueError naming the offending field and value.
+    """
+    if not isinstance(state, RigLState):
+        raise TypeError(f"state must be a RigLState, got {type(state).__name__}")
+    validate_masks(state.masks, params, argname="state.masks")
+    for field in ("step", "num_updates"):
+        value = getattr(state, field)
+        if not isinstance(value, Tensor) or value.dim() != 0 or value.dtype != torch.int64:
+            raise TypeError(f"state.{field} must be a 0-d int64 tensor, got {value!r}")
+    expected = target_nnz({k: tuple(m.shape) for k, m in state.masks.items()}, config)
+    for name, mask in state.masks.items():
+        actual = int(mask.sum())
+        if actual != expected[name]:
+            raise ValueError(
+                f"state.masks[{name!r}] has {actual} active entries but the config "
+                f"(distribution={config.distribution!r}, sparsity={config.sparsity}) requires {expected[name]}"
+            )
+    want_acc = set(state.masks) if config.grad_accumulation_n > 1 else set()
+    if set(state.grad_acc) != want_acc:
+        raise ValueError(f"state.grad_acc keys {sorted(state.grad_acc)} do not match the expected {sorted(want_acc)} "
+                         f"for grad_accumulation_n={config.grad_accumulation_n}")
+    for name, acc in state.grad_acc.items():
+        if acc.shape != params[name].shape or acc.dtype != params[name].dtype:
+            raise ValueError(f"state.grad_acc[{name!r}] has shape/dtype {tuple(acc.shape)}/{acc.dtype}, "
+                             f"params[{name!r}] has {tuple(params[name].shape)}/{params[name].dtype}")

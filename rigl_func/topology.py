@@ -1,0 +1,198 @@
+"""One RigL topology update and the gradient-accumulation window (Evci et al. 2020,
+Sec. 3, Algorithm 1).
+
+At an update step ``t`` every sparse layer with ``N`` active connections
+
+1. computes ``n = floor(f(t) * N)`` (``f`` from :mod:`rigl_func.schedules`);
+2. drops the ``n`` active entries with the lowest drop score (default ``|w|``);
+3. grows ``n`` entries with the highest grow score (default ``|g|``, the *dense*
+   gradient) among all entries not kept by step 2 — the just-dropped ones included;
+4. sets genuinely new connections to zero; a connection dropped and regrown in the
+   same update keeps its value. Inactive params are returned as exact zeros.
+
+``N`` is preserved exactly. Non-finite grow scores are never grown; if fewer than
+``n`` inactive entries have a finite grow score, ``n`` is lowered to that number for
+the layer (so the count still holds). NaN drop scores are dropped first.
+
+``n`` is a 0-d tensor: ``drop``/``grow`` use a ``topk`` of static size
+``floor(alpha * N_target)`` where ``N_target`` is the layer's active count from the
+config's distribution (:func:`rigl_func.target_nnz`); masks with more active entries
+than the config prescribes drop at most that many (``check_state`` catches such masks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from rigl_func.config import RigLConfig
+from rigl_func.criteria import resolve_criterion
+from rigl_func.masks import target_nnz
+from rigl_func.schedules import drop_fraction, is_update_step
+from rigl_func.selection import drop, grow
+from rigl_func.state import RigLState
+
+__all__ = ["accumulate", "update_topology", "update_layer"]
+
+
+def update_layer(
+    param: Tensor,
+    grad: Tensor,
+    mask: Tensor,
+    fraction: Union[float, Tensor],
+    *,
+    max_n: int,
+    drop_criterion: Callable = "magnitude",
+    grow_criterion: Callable = "gradient",
+) -> tuple[Tensor, Tensor]:
+    """RigL update of one layer: the unit that ``update_topology`` maps over layers.
+
+    Args:
+        param: float tensor, e.g. ``[out, in]`` or ``[out, in, kh, kw]``.
+        grad: dense gradient (or accumulated mean), same shape.
+        mask: bool tensor, same shape.
+        fraction: drop fraction ``f(t)`` (float or 0-d tensor).
+        max_n: static upper bound on the number of replaced entries.
+        drop_criterion, grow_criterion: names or functions ``(param, grad, mask) -> scores``.
+
+    Returns:
+        ``(new_param, new_mask)``: same nnz as ``mask``; new connections are 0,
+        inactive entries are exactly 0. Pure: inputs are not modified.
+
+    Example:
+        >>> w = torch.tensor([[0.5, -0.1], [0.0, 0.0]])
+        >>> g = torch.tensor([[0.0, 0.0], [0.9, 0.2]])
+        >>> m = torch.tensor([[True, True], [False, False]])
+        >>> p, m2 = update_layer(w, g, m, 0.5, max_n=1)
+        >>> m2.tolist(), p.tolist()
+        ([[True, False], [True, False]], [[0.5, 0.0], [0.0, 0.0]])
+    """
+    drop_fn = resolve_criterion(drop_criterion, "drop_criterion")
+    grow_fn = resolve_criterion(grow_criterion, "grow_criterion")
+    drop_scores = drop_fn(param, grad, mask)
+    grow_scores = grow_fn(param, grad, mask)
+    fraction = torch.as_tensor(fraction, dtype=torch.float64, device=mask.device)
+    n = torch.floor(fraction * mask.sum()).to(torch.int64).clamp(min=0, max=max_n)
+    growable = (torch.isfinite(grow_scores) & ~mask).sum()
+    n = torch.minimum(n, growable)
+    kept = drop(drop_scores, mask, n, max_n=max_n)
+    new_mask = grow(grow_scores, kept, n, max_n=max_n)
+    new_param = torch.where(new_mask & mask, param, torch.zeros((), dtype=param.dtype, device=param.device))
+    return new_param, new_mask
+
+
+@torch.compiler.assume_constant_result
+def _max_replaced(shapes: tuple, config: RigLConfig) -> dict[str, int]:
+    """Static ``topk`` size per layer: ``floor(alpha * N_target)``. Plain Python on
+    shapes and the config, evaluated once at trace time under ``torch.compile``."""
+    shapes = dict(shapes)
+    expected = target_nnz(shapes, config)
+    return {k: min(math.floor(config.alpha * expected[k]), math.prod(shapes[k])) for k in shapes}
+
+
+def _check_tree(tree: Mapping[str, Tensor], masks: Mapping[str, Tensor], argname: str) -> None:
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{argname} must be a dict[str, Tensor], got {type(tree).__name__}")
+    missing = [k for k in masks if k not in tree]
+    if missing:
+        raise ValueError(f"{argname} is missing sparse layers {missing}")
+    for name, mask in masks.items():
+        if tuple(tree[name].shape) != tuple(mask.shape):
+            raise ValueError(f"{argname}[{name!r}] has shape {tuple(tree[name].shape)} but the mask has {tuple(mask.shape)}")
+
+
+def update_topology(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    state: RigLState,
+    config: RigLConfig,
+) -> tuple[dict[str, Tensor], RigLState]:
+    """One RigL topology update across all sparse layers, at step ``state.step``.
+
+    Call it on update steps (:func:`rigl_func.is_update_step`) *instead of* the
+    optimizer step, after :func:`accumulate` has seen this step's gradients. Then
+    reset the optimizer state of new connections
+    (:func:`rigl_func.reset_optimizer_state`).
+
+    Args:
+        params: ``dict[str, Tensor]`` of all params (dense ones pass through).
+        grads: dense gradients w.r.t. the (masked) params, same keys. Do not mask
+            them. Ignored for growth when ``grad_accumulation_n > 1`` (the
+            accumulated mean in ``state.grad_acc`` is used instead).
+        state: current state; ``state.step`` picks the drop fraction.
+        config: the RigL config.
+
+    Returns:
+        ``(params, state)``: new params with inactive entries exactly 0, and a state
+        with new masks, ``num_updates + 1`` and zeroed accumulators. Pure.
+
+    Example:
+        >>> from rigl_func import RigLConfig, init_state, accumulate, apply_masks
+        >>> params = {"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(0))}
+        >>> cfg = RigLConfig(t_end=100, delta=10, sparsity=0.5, distribution="uniform")
+        >>> state = init_state(params, cfg, seed=0)
+        >>> params = apply_masks(params, state.masks)
+        >>> grads = {"w": torch.ones(8, 8)}
+        >>> state = accumulate(state, grads, cfg)
+        >>> params, state = update_topology(params, grads, state, cfg)
+        >>> int(state.masks["w"].sum()), int(state.num_updates)
+        (32, 1)
+    """
+    _check_tree(params, state.masks, "params")
+    growth = state.grad_acc if config.grad_accumulation_n > 1 else grads
+    _check_tree(growth, state.masks, "grads")
+    fraction = drop_fraction(state.step, config)
+    max_n = _max_replaced(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), config)
+    new_params = dict(params)
+    new_masks = {}
+    for name, mask in state.masks.items():
+        new_params[name], new_masks[name] = update_layer(
+            params[name], growth[name], mask, fraction, max_n=max_n[name],
+            drop_criterion=config.drop_criterion, grow_criterion=config.grow_criterion,
+        )
+    new_acc = {k: torch.zeros_like(v) for k, v in state.grad_acc.items()}
+    return new_params, state._replace(masks=new_masks, num_updates=state.num_updates + 1, grad_acc=new_acc)
+
+
+def accumulate(state: RigLState, grads: Mapping[str, Tensor], config: RigLConfig) -> RigLState:
+    """Record one training iteration: ``step += 1`` and fold ``grads`` into the window.
+
+    Call it once per iteration, after the backward pass and before checking
+    :func:`rigl_func.is_update_step`. With ``grad_accumulation_n = k > 1`` the dense
+    gradients of the ``k`` iterations ending at an update step (that step included)
+    are averaged into ``state.grad_acc``; other iterations leave it unchanged (even
+    if their gradients are NaN). With ``k = 1`` only the step counter moves.
+
+    Args:
+        state: current state.
+        grads: dense gradients, ``dict[str, Tensor]`` with at least the sparse layers.
+        config: supplies ``grad_accumulation_n``, ``delta``, ``t_start``, ``t_end``.
+
+    Returns:
+        A new :class:`RigLState`. Pure.
+
+    Example:
+        >>> from rigl_func import RigLConfig, init_state
+        >>> cfg = RigLConfig(t_end=100, delta=4, grad_accumulation_n=2, sparsity=0.5, distribution="uniform")
+        >>> state = init_state({"w": torch.zeros(2, 2)}, cfg, seed=0)
+        >>> for i in range(4):
+        ...     state = accumulate(state, {"w": torch.full((2, 2), float(i))}, cfg)
+        >>> int(state.step), state.grad_acc["w"][0, 0].item()  # mean of steps 3 and 4 (values 2, 3)
+        (4, 2.5)
+    """
+    step = state.step + 1
+    k = config.grad_accumulation_n
+    if k == 1:
+        return state._replace(step=step)
+    _check_tree(grads, state.masks, "grads")
+    to_boundary = (config.delta - (step - config.t_start) % config.delta) % config.delta
+    in_window = (to_boundary < k) & is_update_step(step + to_boundary, config)
+    acc = {
+        name: torch.where(in_window, value + grads[name] / k, value)
+        for name, value in state.grad_acc.items()
+    }
+    return state._replace(step=step, grad_acc=acc)
