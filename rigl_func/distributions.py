@@ -210,15 +210,15 @@ def erk(
         dense: names of ``shapes`` kept dense (sparsity 0.0) and left out of the
             budget.
         power_scale: exponent of the score, finite and >= 0 (1.0 in the paper).
-            Very large values concentrate the budget on the layers with the
-            largest score; the others can then round to sparsity 1.0.
+            Very large values leave layers with tiny scores at sparsity ~1.0.
 
     Returns:
         ``{name: sparsity}`` for every name in ``shapes``, in the same order.
 
     Raises:
-        ValueError: bad ``sparsity``, ``shapes``, ``dense`` or ``power_scale``, or
-            every layer is in ``dense``.
+        ValueError: bad ``sparsity``, ``shapes``, ``dense`` or ``power_scale``,
+            every layer is in ``dense``, or the scores left after densifying all
+            underflow to 0 (``power_scale`` too large).
         TypeError: ``shapes`` is not a mapping of int sequences.
 
     Example:

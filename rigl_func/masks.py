@@ -37,7 +37,7 @@ SPARSIFIABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
 Params = Mapping[str, Tensor]
 
 
-def sparse_param_names(model_or_params: Union[nn.Module, Params], config: RigLConfig) -> list[str]:
+def sparse_param_names(model_or_params: Union[nn.Module, Params], config: Optional[RigLConfig] = None) -> list[str]:
     """Names of the parameters to sparsify, in ``named_parameters()`` order.
 
     From a module: the ``weight`` of every ``Linear`` and ``Conv{1,2,3}d`` (and
@@ -48,7 +48,7 @@ def sparse_param_names(model_or_params: Union[nn.Module, Params], config: RigLCo
 
     Args:
         model_or_params: an ``nn.Module`` or a ``dict[str, Tensor]``.
-        config: the RigL config.
+        config: the RigL config (``None``: no name filtering).
 
     Returns:
         list of parameter names.
@@ -71,7 +71,7 @@ def sparse_param_names(model_or_params: Union[nn.Module, Params], config: RigLCo
         names = [n for n, t in model_or_params.items() if isinstance(t, Tensor) and t.dim() >= 2]
     else:
         raise TypeError(f"model_or_params must be an nn.Module or a dict of tensors, got {type(model_or_params).__name__}")
-    return [n for n in names if config.is_sparse_name(n)]
+    return names if config is None else [n for n in names if config.is_sparse_name(n)]
 
 
 def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, float]:

@@ -175,7 +175,7 @@ shapes_st = st.dictionaries(
 sparsity_st = st.floats(0.0, 0.99, allow_nan=False)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(shapes=shapes_st, sparsity=sparsity_st, data=st.data())
 @pytest.mark.parametrize("fn", ALL)
 def test_budget_and_range(fn, shapes, sparsity, data):
