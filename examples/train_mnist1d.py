@@ -2,7 +2,7 @@
 
 MNIST-1D (Greydanus 2020) is generated locally by the ``mnist1d`` package (no
 download): 4,000 training and 1,000 test sequences of length 40, 10 classes. A small
-1-D CNN is trained with the *functional* rigl_func API (``torch.func`` +
+1-D CNN is trained with the *functional* rigl_func API (``functional_call`` +
 ``update_topology``) at 90% sparsity by default. Prints a results table (test
 accuracy mean ± std over seeds, final density, training/inference FLOPs relative to
 dense) and saves plots (accuracy curves, per-layer density uniform vs ERK, mask
@@ -41,10 +41,10 @@ METHODS = {  # name -> (distribution, topology update rule)
 def make_model() -> nn.Module:
     return nn.Sequential(
         nn.Unflatten(1, (1, 40)),
-        nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(),
-        nn.Conv1d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(640, 256), nn.ReLU(), nn.Linear(256, 10),
+        nn.Conv1d(1, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Conv1d(32, 64, 3, stride=2, padding=1), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Flatten(), nn.Linear(640, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10),
     )
 
 
@@ -97,8 +97,11 @@ def train_one(method: str, sparsity: float, seed: int, data: dict, args, progres
         return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
     def evaluate(p) -> float:
+        model.eval()  # BatchNorm running statistics (buffers live in the module)
         with torch.no_grad():
-            return (functional_call(model, p, (x_test,)).argmax(1) == y_test).float().mean().item()
+            acc = (functional_call(model, p, (x_test,)).argmax(1) == y_test).float().mean().item()
+        model.train()
+        return acc
 
     curve, turnover = [], []
     step = 0

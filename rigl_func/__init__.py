@@ -20,6 +20,7 @@ from rigl_func.masks import (
     validate_masks,
 )
 from rigl_func.optim import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
+from rigl_func.scheduler import RigLScheduler
 from rigl_func.schedules import (
     constant_schedule,
     cosine_schedule,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RigLConfig",
+    "RigLScheduler",
     "RigLState",
     "CRITERIA",
     "accumulate",

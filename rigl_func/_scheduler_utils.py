@@ -1,0 +1,284 @@
+"""Helpers of the rigl-torch compatibility shell (:mod:`rigl_func.scheduler`).
+
+Three kinds of code live here, none of them part of the algorithm:
+
+* argument checking with rigl-torch's names (``dense_allocation``, ``T_end``,
+  ``delta``) and the mapping onto a :class:`rigl_func.RigLConfig`;
+* in-place edits of live ``nn.Parameter`` / ``.grad`` tensors (trailing ``_``);
+* the (de)serialization of a scheduler checkpoint and the initial mask broadcast.
+
+The algorithm itself (masks, accumulation window, drop/grow) is only ever reached
+through the pure core functions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from rigl_func.config import RigLConfig
+from rigl_func.distributions import DISTRIBUTIONS
+from rigl_func.schedules import is_update_step
+from rigl_func.state import RigLState
+
+__all__ = [
+    "HYPERPARAMS",
+    "FORMAT",
+    "check_hyperparams",
+    "make_config",
+    "unwrap_model",
+    "needs_dense_grads",
+    "mask_grads_",
+    "mask_weights_",
+    "broadcast_masks",
+    "resolve_hyperparams",
+]
+
+#: rigl-torch's constructor defaults (rigl-torch 0.5.2, ``rigl_torch/RigL.py``).
+HYPERPARAMS = {
+    "dense_allocation": 1,
+    "T_end": None,
+    "sparsity_distribution": "uniform",
+    "ignore_linear_layers": True,
+    "delta": 100,
+    "alpha": 0.3,
+    "static_topo": False,
+    "grad_accumulation_n": 1,
+}
+
+#: Marks a checkpoint written by :meth:`RigLScheduler.state_dict`.
+FORMAT = "rigl_func.RigLScheduler/1"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_hyperparams(hp: Mapping) -> dict:
+    """Validate rigl-torch's arguments; errors name the rigl-torch argument and value.
+
+    Args:
+        hp: the eight keys of :data:`HYPERPARAMS`.
+
+    Returns:
+        A normalized copy (``sparsity_distribution`` lower-cased, ints as ``int``).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range.
+    """
+    hp = dict(hp)
+    d = hp["dense_allocation"]
+    if not _is_real(d):
+        raise TypeError(f"dense_allocation must be a float in (0, 1], got dense_allocation={d!r}")
+    if not (math.isfinite(d) and 0 < d <= 1):
+        raise ValueError(f"dense_allocation must be in (0, 1] (the fraction of weights kept), got dense_allocation={d!r}")
+    for name in ("T_end", "delta", "grad_accumulation_n"):
+        value = hp[name]
+        if value is None and name == "T_end":
+            raise ValueError("T_end is required: the step after which the topology is frozen "
+                             "(rigl-torch recommends int(0.75 * total_iterations)), got T_end=None")
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {name}={value!r}")
+        hp[name] = int(value)
+    if hp["T_end"] <= 0:
+        raise ValueError(f"T_end must be > 0, got T_end={hp['T_end']}")
+    if hp["delta"] <= 0:
+        raise ValueError(f"delta must be > 0, got delta={hp['delta']}")
+    if not 1 <= hp["grad_accumulation_n"] < hp["delta"]:
+        raise ValueError(f"grad_accumulation_n must be in [1, delta={hp['delta']}), "
+                         f"got grad_accumulation_n={hp['grad_accumulation_n']}")
+    a = hp["alpha"]
+    if not _is_real(a):
+        raise TypeError(f"alpha must be a float in [0, 1], got alpha={a!r}")
+    if not (math.isfinite(a) and 0 <= a <= 1):
+        raise ValueError(f"alpha must be in [0, 1], got alpha={a!r}")
+    dist = hp["sparsity_distribution"]
+    if not isinstance(dist, str):
+        raise TypeError(f"sparsity_distribution must be a str, got sparsity_distribution={dist!r}")
+    if dist.lower() not in DISTRIBUTIONS:
+        raise ValueError(f"sparsity_distribution must be one of {sorted(DISTRIBUTIONS)}, "
+                         f"got sparsity_distribution={dist!r}")
+    hp["sparsity_distribution"] = dist.lower()
+    for name in ("static_topo", "ignore_linear_layers"):
+        if not isinstance(hp[name], bool):
+            raise TypeError(f"{name} must be a bool, got {name}={hp[name]!r}")
+    return hp
+
+
+_RENAME = {"t_end": "T_end", "sparsity": "dense_allocation (as 1 - sparsity)",
+           "distribution": "sparsity_distribution"}
+
+
+def _rename(message: str) -> str:
+    for ours, theirs in _RENAME.items():
+        message = message.replace(f"{ours}=", f"{theirs}=").replace(f"{ours} must", f"{theirs} must")
+    return message
+
+
+def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
+    """Map checked rigl-torch arguments onto a :class:`RigLConfig`.
+
+    ``sparsity = 1 - dense_allocation``; the first layer is dense under ``'uniform'``
+    when there is more than one layer (rigl-torch, and the RigL paper's uniform
+    baseline); ``ignore_linear_layers`` makes every ``nn.Linear`` weight dense;
+    ``dense_allocation == 1`` makes every layer dense (rigl-torch skips layers with
+    sparsity 0).
+
+    Args:
+        hp: output of :func:`check_hyperparams`.
+        layers: sparsifiable parameter name -> owning module, in model order.
+
+    Returns:
+        The config; its ``dense`` field lists the dense layers.
+    """
+    names = list(layers)
+    dense = []
+    for i, (name, module) in enumerate(layers.items()):
+        if hp["dense_allocation"] == 1:
+            dense.append(name)
+        elif i == 0 and hp["sparsity_distribution"] == "uniform" and len(names) > 1:
+            dense.append(name)
+        elif hp["ignore_linear_layers"] and isinstance(module, nn.Linear):
+            dense.append(name)
+    # With no sparse layer left the distribution is never evaluated; ER/ERK raise on an
+    # empty layer set (core: erk({}) -> ValueError), uniform returns {}.
+    distribution = hp["sparsity_distribution"] if len(dense) < len(names) else "uniform"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cfg = RigLConfig(
+                t_end=hp["T_end"], sparsity=1.0 - float(hp["dense_allocation"]), distribution=distribution,
+                delta=hp["delta"], alpha=float(hp["alpha"]), grad_accumulation_n=hp["grad_accumulation_n"],
+                dense=tuple(dense),
+            )
+        except (TypeError, ValueError) as err:
+            raise type(err)(_rename(str(err))) from err
+    if not hp["static_topo"] and len(dense) < len(names):
+        for w in caught:
+            warnings.warn(_rename(str(w.message)), w.category, stacklevel=4)
+    return cfg
+
+
+def resolve_hyperparams(given: Mapping, saved: Mapping) -> dict:
+    """Constructor with ``state_dict=``: saved hyperparameters fill in arguments left at
+    rigl-torch's defaults (rigl-torch overwrites them all); an explicit, different
+    value is an error.
+
+    Raises:
+        ValueError: listing every argument that contradicts the checkpoint.
+    """
+    out, clashes = {}, []
+    for name, default in HYPERPARAMS.items():
+        if name not in saved:
+            raise ValueError(f"state_dict['hyperparams'] lacks {name!r}; not a RigLScheduler checkpoint?")
+        value = given[name]
+        if value is default or (type(value) is type(default) and value == default):
+            out[name] = saved[name]
+        else:
+            if value != saved[name]:
+                clashes.append(f"{name}={value!r} (checkpoint: {saved[name]!r})")
+            out[name] = value
+    if clashes:
+        raise ValueError("arguments contradict the state_dict they resume from: " + ", ".join(clashes))
+    return out
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers, so that
+    parameter names match the unwrapped model's ``named_parameters()``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got model={type(model).__name__}")
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def needs_dense_grads(step: int, config: RigLConfig) -> bool:
+    """Whether the iteration that :func:`rigl_func.accumulate` will count as ``step``
+    feeds a topology update: it is an update step, or one of the
+    ``grad_accumulation_n`` iterations ending at one. Python ints: no device sync.
+    (Mirrors the window test inside :func:`rigl_func.accumulate`.)"""
+    delta = config.delta
+    to_boundary = (delta - (step - config.t_start) % delta) % delta
+    return to_boundary < config.grad_accumulation_n and bool(is_update_step(step + to_boundary, config))
+
+
+@torch.no_grad()
+def mask_grads_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """In place: ``param.grad`` is exactly 0 at inactive entries (``None`` grads skipped)."""
+    for name, mask in masks.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.masked_fill_(~mask, 0)
+
+
+@torch.no_grad()
+def mask_weights_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """In place: inactive weights are exactly 0."""
+    for name, mask in masks.items():
+        params[name].masked_fill_(~mask, 0)
+
+
+def broadcast_masks(masks: Mapping[str, Tensor], src: int = 0) -> dict[str, Tensor]:
+    """``src``'s masks on every rank when ``torch.distributed`` is initialized (else the
+    input). Bool tensors travel as uint8 (gloo has no bool). Collective: every rank
+    must call it. Returns new tensors; the input is not modified."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(masks)
+    out = {}
+    for name, mask in masks.items():
+        buf = mask.to(torch.uint8)
+        dist.broadcast(buf, src)
+        out[name] = buf.bool()
+    return out
+
+
+def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfig,
+                    step_device: torch.device) -> tuple[RigLState, int, int]:
+    """Rebuild ``(state, step, rigl_steps)`` from a checkpoint: masks and accumulators on
+    their params' devices, counters on ``step_device`` (as :func:`rigl_func.init_state`).
+    ``params``: the sparsifiable params (dense ones included), name -> tensor.
+
+    Raises:
+        ValueError: the checkpoint's layers, shapes or counters do not fit.
+    """
+    masks, grad_acc = sd["masks"], sd.get("grad_acc", {})
+    if not isinstance(masks, Mapping) or not isinstance(grad_acc, Mapping):
+        raise ValueError("state_dict['masks'] and state_dict['grad_acc'] must be dicts name -> tensor")
+    want = [n for n in params if config.is_sparse_name(n)]
+    if sorted(masks) != sorted(want):
+        raise ValueError(f"state_dict has masks for layers {sorted(masks)} but this model's sparse layers "
+                         f"are {sorted(want)}: the checkpoint is from a different model or configuration")
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != params[name].shape:
+            raise ValueError(f"state_dict['masks'][{name!r}] must be a bool tensor of shape "
+                             f"{tuple(params[name].shape)}, got {getattr(mask, 'dtype', type(mask))} "
+                             f"{tuple(getattr(mask, 'shape', ()))}: the checkpoint is from a different model")
+    step, rigl_steps = sd["step"], sd["rigl_steps"]
+    if not (_is_int(step) and _is_int(rigl_steps) and step >= 0 and rigl_steps >= 0):
+        raise ValueError(f"state_dict step/rigl_steps must be ints >= 0, got step={step!r}, rigl_steps={rigl_steps!r}")
+    if not isinstance(grad_acc, Mapping) or not all(n in params for n in grad_acc):
+        raise ValueError(f"state_dict['grad_acc'] has layers {sorted(grad_acc)} not in this model")
+    device = step_device
+    state = RigLState(
+        masks={n: masks[n].to(params[n].device) for n in want},
+        step=torch.tensor(int(step), dtype=torch.int64, device=device),
+        num_updates=torch.tensor(int(rigl_steps), dtype=torch.int64, device=device),
+        grad_acc={n: t.to(params[n].device) for n, t in grad_acc.items()},
+    )
+    return state, int(step), int(rigl_steps)

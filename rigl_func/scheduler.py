@@ -1,0 +1,379 @@
+"""``RigLScheduler``: rigl-torch 0.5.2's two-line drop-in, as a thin shell over the core.
+
+For users of rigl-torch (McCrearyD/rigl-torch): change only the import line::
+
+    pruner = RigLScheduler(model, optimizer, dense_allocation=0.1, T_end=T_end, delta=100)
+    ...
+    loss.backward()
+    if pruner():            # False on a RigL step: the update replaces optimizer.step()
+        optimizer.step()
+
+The scheduler holds a :class:`rigl_func.RigLConfig` and a :class:`rigl_func.RigLState`
+and calls the pure core (:func:`rigl_func.accumulate`, :func:`rigl_func.is_update_step`,
+:func:`rigl_func.update_topology`, Evci et al. 2020, Sec. 3 / Algorithm 1); the in-place
+edits of the live model and optimizer are the only thing it adds.
+
+Mechanics (no monkey-patching of ``optimizer.step``):
+
+* A ``register_post_accumulate_grad_hook`` on every sparse weight zeroes the gradient
+  of inactive entries after backward -- except on the iterations whose dense gradient
+  an update needs (the update step and the ``grad_accumulation_n - 1`` before it).
+  There the gradient is left dense and read *lazily* in ``__call__``, after
+  ``backward()`` has returned; under DDP that is after the all-reduce, so every rank
+  decides on the same averaged gradient. No dense copy is kept: with
+  ``grad_accumulation_n == 1`` the update reads ``param.grad`` itself, with more the
+  core's running mean is the only buffer. ``__call__`` then masks the gradients
+  (again), so they are zero at inactive entries after every call whatever the hook
+  order inside DDP.
+* ``optimizer.register_step_post_hook`` re-zeroes inactive weights and the optimizer
+  state there (SGD momentum, Adam/AdamW moments) after every ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from rigl_func import _scheduler_utils as U
+from rigl_func.config import RigLConfig
+from rigl_func.masks import sparse_param_names, target_sparsities
+from rigl_func.optim import mask_torch_optimizer_state_, reset_torch_optimizer_state_
+from rigl_func.schedules import is_update_step
+from rigl_func.state import RigLState, check_state, init_state
+from rigl_func.topology import accumulate, update_topology
+
+__all__ = ["RigLScheduler"]
+
+# Lists every Linear/Conv weight: no include/exclude/dense rules.
+_ALL_LAYERS = RigLConfig(t_end=3, delta=2)
+
+
+class _GradMaskHook:
+    """Post-accumulate-grad hook of one sparse weight; also marks it as registered."""
+
+    __slots__ = ("scheduler", "name")
+
+    def __init__(self, scheduler: RigLScheduler, name: str) -> None:
+        self.scheduler, self.name = scheduler, name
+
+    @torch.no_grad()
+    def __call__(self, param: Tensor) -> None:
+        sched = self.scheduler
+        if not sched._dense_next and param.grad is not None:
+            param.grad.masked_fill_(~sched._state.masks[self.name], 0)
+
+
+def _registered_to(param: Tensor) -> Optional[RigLScheduler]:
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
+    for hook in hooks.values():
+        if isinstance(hook, _GradMaskHook):
+            return hook.scheduler
+    return None
+
+
+def _hp_property(key: str, doc: str) -> property:
+    return property(lambda self: self._hp[key], doc=doc)
+
+
+class RigLScheduler:
+    """rigl-torch-compatible RigL scheduler (same constructor, same call protocol).
+
+    Args:
+        model: the ``nn.Module`` (also wrapped in DDP / DataParallel / ``torch.compile``).
+            Sparse layers: the weights of ``nn.Linear`` and ``nn.Conv{1,2,3}d`` (and
+            subclasses, transposed convs); never biases, norms or embeddings.
+        optimizer: a ``torch.optim`` optimizer holding the sparse weights.
+        dense_allocation: fraction of weights kept, in (0, 1]; our ``sparsity`` is
+            ``1 - dense_allocation``.
+        T_end: step from which the topology is frozen (required, > 0).
+        sparsity_distribution: ``'uniform'`` (first layer dense when there are several,
+            as in rigl-torch), ``'erk'`` or ``'er'``.
+        ignore_linear_layers: keep every ``nn.Linear`` dense (rigl-torch's default: True).
+        delta: steps between topology updates (> 0).
+        alpha: initial drop fraction, cosine-annealed to 0 at ``T_end``.
+        static_topo: never change the masks (static sparse training).
+        grad_accumulation_n: number of most recent iterations whose dense gradients are
+            averaged for growth, in [1, delta).
+        state_dict: a :meth:`state_dict` to resume from. Arguments left at their
+            defaults are taken from it (as rigl-torch does); explicit ones must agree.
+        seed: keyword-only; seed of the random initial masks (same seed -> same masks
+            on every process; under ``torch.distributed`` rank 0's are broadcast).
+
+    Attributes:
+        W: the sparsifiable weights (list of ``nn.Parameter``), model order.
+        backward_masks: bool masks aligned with ``W``; ``None`` for dense layers.
+        S: target sparsity per layer of ``W`` (0.0 for dense ones). N: numel per layer.
+        step: calls so far. rigl_steps: topology updates so far.
+        config: the :class:`RigLConfig`. state: the current :class:`RigLState`.
+
+    Raises:
+        TypeError/ValueError: a bad argument (the message names it and its value), a
+            model without Linear/Conv layers, sparse weights that are frozen or not in
+            the optimizer, a ``state_dict`` from another model or configuration.
+        RuntimeError: a weight of ``model`` is already registered with a scheduler
+            (call :meth:`remove` on that one first).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        >>> pruner = RigLScheduler(net, opt, dense_allocation=0.25, T_end=75, delta=10,
+        ...                        sparsity_distribution="erk", ignore_linear_layers=False)
+        >>> [None if m is None else int(m.sum()) for m in pruner.backward_masks]
+        [26, 22]
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     net(torch.randn(4, 8)).pow(2).mean().backward()
+        ...     if pruner():
+        ...         opt.step()
+        >>> pruner.step, pruner.rigl_steps
+        (10, 1)
+        >>> pruner.remove()
+    """
+
+    def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
+                 ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
+                 state_dict=None, *, seed: int = 0):
+        module = U.unwrap_model(model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got optimizer={type(optimizer).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got seed={seed!r}")
+        hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
+                  ignore_linear_layers=ignore_linear_layers, delta=delta, alpha=alpha, static_topo=static_topo,
+                  grad_accumulation_n=grad_accumulation_n)
+        if state_dict is not None:
+            self._check_format(state_dict)
+            hp = U.resolve_hyperparams(hp, state_dict["hyperparams"])
+        self._hp = U.check_hyperparams(hp)
+
+        all_params = dict(module.named_parameters())
+        modules = dict(module.named_modules())
+        self.layer_names = sparse_param_names(module, _ALL_LAYERS)
+        if not self.layer_names:
+            raise ValueError(f"model has no Linear or Conv layer to sparsify ({type(module).__name__})")
+        self._check_params(all_params, optimizer)
+        owners = {n: modules[n.rpartition(".")[0]] for n in self.layer_names}
+        self.config = U.make_config(self._hp, owners)
+        self.model, self.optimizer, self.seed, self._module = model, optimizer, seed, module
+        self.W = [all_params[n] for n in self.layer_names]
+        self.N = [w.numel() for w in self.W]
+        self._params = {n: all_params[n] for n in self.layer_names if self.config.is_sparse_name(n)}
+        shapes = {n: tuple(p.shape) for n, p in self._params.items()}
+        sparsities = target_sparsities(shapes, self.config) if shapes else {}
+        self.S = [float(sparsities.get(n, 0.0)) for n in self.layer_names]
+
+        step_device = next(iter(all_params.values())).device
+        if state_dict is not None:
+            self._set_state(state_dict, step_device)
+        else:
+            self._install(init_state(module, self.config, seed=seed), 0, 0)
+        self._handles = [p.register_post_accumulate_grad_hook(_GradMaskHook(self, n))
+                         for n, p in self._params.items()]
+        self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    # ------------------------------------------------------------------ setup
+    def _check_params(self, all_params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name in self.layer_names:
+            p = all_params[name]
+            other = _registered_to(p)
+            if other is not None:
+                raise RuntimeError(f"model is already registered with a RigLScheduler (weight {name!r} has its "
+                                   "hooks); call .remove() on the old scheduler before creating a new one")
+            if not p.requires_grad:
+                raise ValueError(f"weight {name!r} has requires_grad=False; RigL needs its gradient (unfreeze it, "
+                                 "or use the functional API with RigLConfig(dense=...))")
+            if id(p) not in in_opt:
+                raise ValueError(f"weight {name!r} is not in the optimizer's param_groups; pass the optimizer "
+                                 "that trains this model")
+
+    @staticmethod
+    def _check_format(sd) -> None:
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state_dict must be a dict from RigLScheduler.state_dict(), got {type(sd).__name__}")
+        if sd.get("format") != U.FORMAT:
+            hint = (" (this looks like a rigl-torch checkpoint; its masks use a different rounding of the "
+                    "per-layer counts and cannot be loaded)" if "backward_masks" in sd else "")
+            raise ValueError(f"state_dict is not a {U.FORMAT} checkpoint{hint}")
+        for key in ("hyperparams", "masks", "step", "rigl_steps"):
+            if key not in sd:
+                raise ValueError(f"state_dict lacks the key {key!r}")
+
+    def _set_state(self, sd: Mapping, step_device: torch.device) -> None:
+        params = {n: w for n, w in zip(self.layer_names, self.W)}
+        if list(sd.get("layers", self.layer_names)) != self.layer_names:
+            raise ValueError(f"state_dict was saved for layers {list(sd['layers'])} but this model has "
+                             f"{self.layer_names}: the checkpoint is from a different model")
+        state, step, rigl_steps = U.state_from_dict(sd, params, self.config, step_device)
+        self._install(state, step, rigl_steps)
+
+    def _install(self, state: RigLState, step: int, rigl_steps: int) -> None:
+        """Broadcast rank 0's masks (under torch.distributed), validate, and make the
+        model and optimizer obey them."""
+        state = state._replace(masks=U.broadcast_masks(state.masks))
+        try:
+            check_state(state, {n: w for n, w in zip(self.layer_names, self.W)}, self.config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"state does not fit this model/config: {err}") from err
+        self._state, self._step, self._rigl_steps = state, step, rigl_steps
+        self._refresh()
+        U.mask_weights_(self._params, state.masks)
+        mask_torch_optimizer_state_(self.optimizer, self._params, state.masks)
+        U.mask_grads_(self._params, state.masks)
+
+    def _refresh(self) -> None:
+        # Python mirror of "does the next iteration need dense grads": no device sync.
+        self._dense_next = not self.static_topo and U.needs_dense_grads(self._step + 1, self.config)
+
+    def remove(self) -> None:
+        """Detach from the model and optimizer (hooks removed); masks stay applied."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ training
+    def __call__(self) -> bool:
+        """Count one iteration; on an update step perform the RigL update.
+
+        Returns:
+            ``False`` on a RigL step (the update replaced the optimizer step: do not
+            call ``optimizer.step()``), ``True`` otherwise.
+        """
+        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
+        self._state = accumulate(self._state, grads, self.config)
+        self._step += 1
+        do_update = not self.static_topo and bool(is_update_step(self._step, self.config))
+        if do_update:
+            self._rigl_step_(grads)
+        U.mask_grads_(self._params, self._state.masks)
+        self._refresh()
+        return not do_update
+
+    @torch.no_grad()
+    def _rigl_step_(self, grads: Mapping[str, Tensor]) -> None:
+        old_masks = self._state.masks
+        params = {n: p.detach() for n, p in self._params.items()}
+        new_params, self._state = update_topology(params, grads, self._state, self.config)
+        for name, p in self._params.items():
+            p.copy_(new_params[name])
+        reset_torch_optimizer_state_(self.optimizer, self._params, old_masks, self._state.masks)
+        self._rigl_steps += 1
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        U.mask_weights_(self._params, self._state.masks)
+        mask_torch_optimizer_state_(optimizer, self._params, self._state.masks)
+
+    # rigl-torch's public helpers, for scripts that call them.
+    def apply_mask_to_weights(self) -> None:
+        """In place: zero inactive weights."""
+        U.mask_weights_(self._params, self._state.masks)
+
+    def apply_mask_to_gradients(self) -> None:
+        """In place: zero the gradients of inactive weights."""
+        U.mask_grads_(self._params, self._state.masks)
+
+    def reset_momentum(self) -> None:
+        """In place: zero the optimizer state (momentum, Adam moments) at inactive entries."""
+        mask_torch_optimizer_state_(self.optimizer, self._params, self._state.masks)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> RigLState:
+        """The current core state (immutable; replaced, never edited in place)."""
+        return self._state
+
+    @property
+    def step(self) -> int:
+        """Number of calls so far (rigl-torch's ``step``)."""
+        return self._step
+
+    @property
+    def rigl_steps(self) -> int:
+        """Number of topology updates so far."""
+        return self._rigl_steps
+
+    @property
+    def backward_masks(self) -> list[Optional[Tensor]]:
+        """Bool masks aligned with :attr:`W`; ``None`` for dense layers."""
+        return [self._state.masks.get(n) for n in self.layer_names]
+
+    dense_allocation = _hp_property("dense_allocation", "Fraction of weights kept, in (0, 1].")
+    T_end = _hp_property("T_end", "Step from which the topology is frozen.")
+    delta_T = _hp_property("delta", "Steps between topology updates (rigl-torch's name).")
+    delta = _hp_property("delta", "Steps between topology updates.")
+    alpha = _hp_property("alpha", "Initial drop fraction.")
+    sparsity_distribution = _hp_property("sparsity_distribution", "'uniform', 'erk' or 'er'.")
+    static_topo = _hp_property("static_topo", "Whether the topology is frozen.")
+    grad_accumulation_n = _hp_property("grad_accumulation_n", "Iterations averaged for growth.")
+    ignore_linear_layers = _hp_property("ignore_linear_layers", "Whether Linear layers stay dense.")
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: masks, accumulators, counters, and the
+        hyperparameters (checked on load). Tensors are shared, not copied: the
+        scheduler replaces them, never edits them in place. Save it with ``torch.save``."""
+        return {
+            "format": U.FORMAT,
+            "hyperparams": dict(self._hp),
+            "layers": list(self.layer_names),
+            "N": list(self.N),
+            "S": list(self.S),
+            "masks": dict(self._state.masks),
+            "grad_acc": dict(self._state.grad_acc),
+            "step": self._step,
+            "rigl_steps": self._rigl_steps,
+        }
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore a :meth:`state_dict`; the weights and optimizer state are re-masked.
+
+        Raises:
+            ValueError: the checkpoint's hyperparameters differ from this scheduler's
+                (every difference is listed), or it is from a different model.
+        """
+        self._check_format(state_dict)
+        saved = state_dict["hyperparams"]
+        diff = [f"{k}: scheduler {self._hp[k]!r} vs state_dict {saved.get(k)!r}"
+                for k in U.HYPERPARAMS if saved.get(k) != self._hp[k]]
+        if diff:
+            raise ValueError("state_dict was saved with other hyperparameters: " + "; ".join(diff))
+        self._set_state(state_dict, self._state.step.device)
+
+    # ------------------------------------------------------------------ printing
+    def __str__(self) -> str:
+        masks = self._state.masks
+        rows, total, active, conv_total, conv_active = [], 0, 0, 0, 0
+        width = max(len(n) for n in self.layer_names)
+        for name, w, s in zip(self.layer_names, self.W, self.S):
+            nnz = int(masks[name].sum()) if name in masks else w.numel()
+            kind = "sparse" if name in masks else "dense"
+            rows.append(f"  {name:<{width}}  {str(tuple(w.shape)):<18} {nnz:>10}/{w.numel():<10} "
+                        f"{100.0 * nnz / w.numel():6.2f}%  {kind}")
+            total, active = total + w.numel(), active + nnz
+            if w.dim() > 2:
+                conv_total, conv_active = conv_total + w.numel(), conv_active + nnz
+        hp = self._hp
+        lines = [
+            "RigLScheduler(",
+            f"  layers={len(self.W)} ({len(masks)} sparse), sparsity_distribution={hp['sparsity_distribution']!r}, "
+            f"dense_allocation={hp['dense_allocation']}, static_topo={hp['static_topo']}, "
+            f"ignore_linear_layers={hp['ignore_linear_layers']},",
+            f"  T_end={hp['T_end']}, delta={hp['delta']}, alpha={hp['alpha']}, "
+            f"grad_accumulation_n={hp['grad_accumulation_n']},",
+            f"  {'layer':<{width}}  {'shape':<18} {'nonzero':>10}/{'total':<10} {'density':>7}",
+            *rows,
+            f"  total_nonzero_params={active}/{total} ({100.0 * active / total:.2f}%),",
+        ]
+        if conv_total:
+            lines.append(f"  total_conv_nonzero_params={conv_active}/{conv_total} "
+                         f"({100.0 * conv_active / conv_total:.2f}%),")
+        lines += [f"  step={self._step}, rigl_steps={self._rigl_steps}", ")"]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"RigLScheduler(layers={len(self.W)}, dense_allocation={self._hp['dense_allocation']}, "
+                f"sparsity_distribution={self._hp['sparsity_distribution']!r}, step={self._step}, "
+                f"rigl_steps={self._rigl_steps})")

@@ -1,0 +1,42 @@
+"""Shared test fixtures: the ``device`` parametrization and the hypothesis profiles.
+
+* ``device``: every test that takes it runs once per available device (``cpu``
+  always, ``cuda`` wherever ``torch.cuda.is_available()``). It is session-scoped so
+  that hypothesis ``@given`` tests can use it (hypothesis rejects function-scoped
+  fixtures, which would not be reset between examples).
+* Hypothesis profiles: ``rigl_func`` (default; no deadline, modest example counts so
+  the suite stays fast on a 2-core CPU) and ``thorough`` (many more examples). Pick one
+  with ``HYPOTHESIS_PROFILE=thorough pytest tests``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+settings.register_profile(
+    "rigl_func",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=500,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rigl_func"))
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> torch.device:
+    """A device to create tensors on: ``cpu``, plus ``cuda`` when available."""
+    return torch.device(request.param)
