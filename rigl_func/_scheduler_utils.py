@@ -37,6 +37,7 @@ __all__ = [
     "mask_weights_",
     "broadcast_masks",
     "resolve_hyperparams",
+    "state_from_dict",
 ]
 
 #: rigl-torch's constructor defaults (rigl-torch 0.5.2, ``rigl_torch/RigL.py``).
@@ -70,7 +71,9 @@ def check_hyperparams(hp: Mapping) -> dict:
         hp: the eight keys of :data:`HYPERPARAMS`.
 
     Returns:
-        A normalized copy (``sparsity_distribution`` lower-cased, ints as ``int``).
+        A normalized copy of plain Python values (``sparsity_distribution``
+        lower-cased, ``int``/``float``/``bool``), so checkpoints load with
+        ``torch.load(..., weights_only=True)``.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -82,6 +85,7 @@ def check_hyperparams(hp: Mapping) -> dict:
         raise TypeError(f"dense_allocation must be a float in (0, 1], got dense_allocation={d!r}")
     if not (math.isfinite(d) and 0 < d <= 1):
         raise ValueError(f"dense_allocation must be in (0, 1] (the fraction of weights kept), got dense_allocation={d!r}")
+    hp["dense_allocation"] = float(d)
     for name in ("T_end", "delta", "grad_accumulation_n"):
         value = hp[name]
         if value is None and name == "T_end":
@@ -102,6 +106,7 @@ def check_hyperparams(hp: Mapping) -> dict:
         raise TypeError(f"alpha must be a float in [0, 1], got alpha={a!r}")
     if not (math.isfinite(a) and 0 <= a <= 1):
         raise ValueError(f"alpha must be in [0, 1], got alpha={a!r}")
+    hp["alpha"] = float(a)
     dist = hp["sparsity_distribution"]
     if not isinstance(dist, str):
         raise TypeError(f"sparsity_distribution must be a str, got sparsity_distribution={dist!r}")
@@ -165,7 +170,7 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
             raise type(err)(_rename(str(err))) from err
     if not hp["static_topo"] and len(dense) < len(names):
         for w in caught:
-            warnings.warn(_rename(str(w.message)), w.category, stacklevel=4)
+            warnings.warn(_rename(str(w.message)), w.category, stacklevel=3)
     return cfg
 
 
@@ -272,13 +277,12 @@ def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfi
     step, rigl_steps = sd["step"], sd["rigl_steps"]
     if not (_is_int(step) and _is_int(rigl_steps) and step >= 0 and rigl_steps >= 0):
         raise ValueError(f"state_dict step/rigl_steps must be ints >= 0, got step={step!r}, rigl_steps={rigl_steps!r}")
-    if not isinstance(grad_acc, Mapping) or not all(n in params for n in grad_acc):
-        raise ValueError(f"state_dict['grad_acc'] has layers {sorted(grad_acc)} not in this model")
-    device = step_device
+    if not all(n in params and isinstance(t, Tensor) for n, t in grad_acc.items()):
+        raise ValueError(f"state_dict['grad_acc'] has entries {sorted(grad_acc)} that are not tensors of this model's layers")
     state = RigLState(
-        masks={n: masks[n].to(params[n].device) for n in want},
-        step=torch.tensor(int(step), dtype=torch.int64, device=device),
-        num_updates=torch.tensor(int(rigl_steps), dtype=torch.int64, device=device),
+        masks={n: masks[n].to(params[n].device, copy=True) for n in want},
+        step=torch.tensor(int(step), dtype=torch.int64, device=step_device),
+        num_updates=torch.tensor(int(rigl_steps), dtype=torch.int64, device=step_device),
         grad_acc={n: t.to(params[n].device) for n, t in grad_acc.items()},
     )
     return state, int(step), int(rigl_steps)

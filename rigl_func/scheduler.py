@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, nn  # noqa: F401  (nn: used by the doctest)
 
 from rigl_func import _scheduler_utils as U
 from rigl_func.config import RigLConfig
@@ -67,6 +67,10 @@ class _GradMaskHook:
 
 
 def _registered_to(param: Tensor) -> Optional[RigLScheduler]:
+    # The live hook is the registration mark: it goes away with remove(), is not copied
+    # by deepcopy and is not pickled (an attribute on the model or weight would be).
+    # ``_post_accumulate_grad_hooks`` is where Tensor.register_post_accumulate_grad_hook
+    # keeps hooks (torch >= 2.1).
     hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
     for hook in hooks.values():
         if isinstance(hook, _GradMaskHook):
@@ -154,13 +158,17 @@ class RigLScheduler:
         self.layer_names = sparse_param_names(module, _ALL_LAYERS)
         if not self.layer_names:
             raise ValueError(f"model has no Linear or Conv layer to sparsify ({type(module).__name__})")
-        self._check_params(all_params, optimizer)
+        for name in self.layer_names:
+            if _registered_to(all_params[name]) is not None:
+                raise RuntimeError(f"model is already registered with a RigLScheduler (weight {name!r} has its "
+                                   "hooks); call .remove() on the old scheduler before creating a new one")
         owners = {n: modules[n.rpartition(".")[0]] for n in self.layer_names}
         self.config = U.make_config(self._hp, owners)
+        self._params = {n: all_params[n] for n in self.layer_names if self.config.is_sparse_name(n)}
+        self._check_trainable(optimizer)
         self.model, self.optimizer, self.seed, self._module = model, optimizer, seed, module
         self.W = [all_params[n] for n in self.layer_names]
         self.N = [w.numel() for w in self.W]
-        self._params = {n: all_params[n] for n in self.layer_names if self.config.is_sparse_name(n)}
         shapes = {n: tuple(p.shape) for n, p in self._params.items()}
         sparsities = target_sparsities(shapes, self.config) if shapes else {}
         self.S = [float(sparsities.get(n, 0.0)) for n in self.layer_names]
@@ -175,17 +183,12 @@ class RigLScheduler:
         self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     # ------------------------------------------------------------------ setup
-    def _check_params(self, all_params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
+    def _check_trainable(self, optimizer: torch.optim.Optimizer) -> None:
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name in self.layer_names:
-            p = all_params[name]
-            other = _registered_to(p)
-            if other is not None:
-                raise RuntimeError(f"model is already registered with a RigLScheduler (weight {name!r} has its "
-                                   "hooks); call .remove() on the old scheduler before creating a new one")
+        for name, p in self._params.items():
             if not p.requires_grad:
                 raise ValueError(f"weight {name!r} has requires_grad=False; RigL needs its gradient (unfreeze it, "
-                                 "or use the functional API with RigLConfig(dense=...))")
+                                 "or keep it dense, e.g. ignore_linear_layers=True for a Linear layer)")
             if id(p) not in in_opt:
                 raise ValueError(f"weight {name!r} is not in the optimizer's param_groups; pass the optimizer "
                                  "that trains this model")
@@ -226,7 +229,8 @@ class RigLScheduler:
 
     def _refresh(self) -> None:
         # Python mirror of "does the next iteration need dense grads": no device sync.
-        self._dense_next = not self.static_topo and U.needs_dense_grads(self._step + 1, self.config)
+        self._dense_next = (not self.static_topo and bool(self._params)
+                            and U.needs_dense_grads(self._step + 1, self.config))
 
     def remove(self) -> None:
         """Detach from the model and optimizer (hooks removed); masks stay applied."""
@@ -245,7 +249,9 @@ class RigLScheduler:
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
         self._state = accumulate(self._state, grads, self.config)
         self._step += 1
-        do_update = not self.static_topo and bool(is_update_step(self._step, self.config))
+        # No sparse layer (dense_allocation=1): nothing to update, so never skip the
+        # optimizer step (rigl-torch returns False every delta steps even then).
+        do_update = not self.static_topo and bool(self._params) and bool(is_update_step(self._step, self.config))
         if do_update:
             self._rigl_step_(grads)
         U.mask_grads_(self._params, self._state.masks)
@@ -329,6 +335,9 @@ class RigLScheduler:
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore a :meth:`state_dict`; the weights and optimizer state are re-masked.
+
+        Load the model's weights too (before or after). Under ``torch.distributed``
+        this is a collective (rank 0's masks are broadcast): call it on every rank.
 
         Raises:
             ValueError: the checkpoint's hyperparameters differ from this scheduler's
