@@ -25,6 +25,7 @@ from rigl_func.schedules import (
     constant_schedule,
     cosine_schedule,
     drop_fraction,
+    in_accumulation_window,
     is_update_step,
     linear_schedule,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "grow",
     "init_masks",
     "init_state",
+    "in_accumulation_window",
     "is_update_step",
     "linear_schedule",
     "magnitude",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rigl_func.config import RigLConfig
 from rigl_func.distributions import DISTRIBUTIONS
-from rigl_func.schedules import is_update_step
+from rigl_func.schedules import in_accumulation_window
 from rigl_func.state import RigLState
 
 __all__ = [
@@ -214,12 +214,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def needs_dense_grads(step: int, config: RigLConfig) -> bool:
     """Whether the iteration that :func:`rigl_func.accumulate` will count as ``step``
-    feeds a topology update: it is an update step, or one of the
-    ``grad_accumulation_n`` iterations ending at one. Python ints: no device sync.
-    (Mirrors the window test inside :func:`rigl_func.accumulate`.)"""
-    delta = config.delta
-    to_boundary = (delta - (step - config.t_start) % delta) % delta
-    return to_boundary < config.grad_accumulation_n and bool(is_update_step(step + to_boundary, config))
+    feeds a topology update. Python ints: no device sync."""
+    return bool(in_accumulation_window(step, config))
 
 
 @torch.no_grad()

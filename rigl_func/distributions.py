@@ -93,10 +93,7 @@ def _solve(
 ) -> dict[str, float]:
     """Scales densities ``eps * raw[name]`` to the uniform budget (ER and ERK)."""
     sparse = [name for name in shapes if name not in dense]
-    if not sparse:
-        raise ValueError(f"need at least one layer outside dense, got {dense=} for "
-                         f"shapes={list(shapes)}")
-    if sparsity == 0.0:
+    if sparsity == 0.0 or not sparse:  # nothing to distribute: every layer dense
         return {name: 0.0 for name in shapes}
     numel = {name: math.prod(shapes[name]) for name in sparse}
     densified: set[str] = set()

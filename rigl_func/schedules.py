@@ -33,6 +33,7 @@ __all__ = [
     "linear_schedule",
     "drop_fraction",
     "is_update_step",
+    "in_accumulation_window",
     "SCHEDULES",
 ]
 
@@ -139,3 +140,27 @@ def is_update_step(step: Step, config: RigLConfig):
     on_grid = (step - config.t_start) % config.delta == 0
     in_range = (step >= config.t_start) & (step < config.t_end) & (step > 0)
     return on_grid & in_range
+
+
+def in_accumulation_window(step: Step, config: RigLConfig):
+    """Whether the gradients of iteration ``step`` feed a topology update.
+
+    True iff ``step`` is an update step or one of the ``grad_accumulation_n - 1``
+    iterations before one (:func:`rigl_func.accumulate` averages exactly these).
+
+    Args:
+        step: int or 0-d integer tensor (the value ``state.step`` has *after*
+            :func:`rigl_func.accumulate` counted the iteration).
+        config: supplies ``grad_accumulation_n``, ``delta``, ``t_start``, ``t_end``.
+
+    Returns:
+        bool, or 0-d bool tensor if ``step`` is a tensor.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> cfg = RigLConfig(t_end=300, delta=100, grad_accumulation_n=3)
+        >>> [s for s in range(1, 301) if in_accumulation_window(s, cfg)]
+        [98, 99, 100, 198, 199, 200]
+    """
+    to_boundary = (config.delta - (step - config.t_start) % config.delta) % config.delta
+    return (to_boundary < config.grad_accumulation_n) & is_update_step(step + to_boundary, config)

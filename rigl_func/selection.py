@@ -61,6 +61,7 @@ def _order_keys(values: Tensor) -> Tensor:
     values = values + 0.0  # -0.0 -> +0.0 so that both zeros tie
     bits = values.view(torch.int32)
     ordered = bits ^ ((bits >> 31) & _INT32_MAGNITUDE)  # monotone float32 -> int32
+    ordered = torch.where(torch.isnan(values), _INT32_MAGNITUDE, ordered)  # NaN ranks above +inf
     numel = values.shape[-1]
     rev_index = torch.arange(numel - 1, -1, -1, device=values.device, dtype=torch.int64)
     return ordered.to(torch.int64) * (2**32) + rev_index
@@ -73,8 +74,8 @@ def select_top(keys_source: Tensor, eligible: Tensor, n: Count, max_n: Optional[
     index. Pure.
 
     Args:
-        keys_source: float tensor, any shape; non-finite values must already be
-            mapped by the caller (NaN is not allowed here).
+        keys_source: float tensor, any shape; ``±inf`` rank beyond every finite
+            value and NaN ranks above ``+inf``.
         eligible: bool tensor, same shape; only these entries can be selected.
         n: int or 0-d integer tensor, number of entries to select.
         max_n: static upper bound on ``n`` when ``n`` is a tensor (``topk`` size).
@@ -127,8 +128,9 @@ def drop(scores: Tensor, mask: Tensor, n: Count, *, max_n: Optional[int] = None)
         [[True, False], [False, True]]
     """
     _check(scores, mask, n, max_n)
-    # Select the largest of -scores: NaN -> +inf (strictly first), -inf -> float32 max.
-    neg = torch.nan_to_num(-scores.float(), nan=float("inf"), posinf=torch.finfo(torch.float32).max)
+    # Select the largest of -scores: NaN ranks above +inf (dropped strictly first), then
+    # -inf; +-inf stay distinct from +-float32 max.
+    neg = -scores.float()
     return mask & ~select_top(neg, mask, n, max_n)
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from rigl_func.config import RigLConfig
 from rigl_func.criteria import resolve_criterion
 from rigl_func.masks import target_nnz
-from rigl_func.schedules import drop_fraction, is_update_step
+from rigl_func.schedules import drop_fraction, in_accumulation_window
 from rigl_func.selection import drop, grow
 from rigl_func.state import RigLState
 
@@ -189,8 +189,7 @@ def accumulate(state: RigLState, grads: Mapping[str, Tensor], config: RigLConfig
     if k == 1:
         return state._replace(step=step)
     _check_tree(grads, state.masks, "grads")
-    to_boundary = (config.delta - (step - config.t_start) % config.delta) % config.delta
-    in_window = (to_boundary < k) & is_update_step(step + to_boundary, config)
+    in_window = in_accumulation_window(step, config)
     acc = {
         name: torch.where(in_window, value + grads[name] / k, value)
         for name, value in state.grad_acc.items()

@@ -277,11 +277,12 @@ def test_bad_dense(fn):
         fn({"w": (4, 4)}, 0.5, dense="w")  # a str, not a collection of names
 
 
-@pytest.mark.parametrize("fn", [erdos_renyi, erk])
-def test_all_dense_has_no_budget(fn):
-    with pytest.raises(ValueError, match="dense"):
-        fn({"w": (4, 4)}, 0.5, dense=["w"])
-    assert uniform({"w": (4, 4)}, 0.5, dense=["w"]) == {"w": 0.0}
+@pytest.mark.parametrize("fn", ALL)
+def test_all_dense_or_empty_is_consistent(fn):
+    # Every layer dense (or no layers at all): nothing to distribute, all 0.0 --
+    # the same answer for every distribution, so a model without sparse layers works.
+    assert fn({"w": (4, 4), "v": (2, 3)}, 0.5, dense=["w", "v"]) == {"w": 0.0, "v": 0.0}
+    assert fn({}, 0.5) == {}
 
 
 @pytest.mark.parametrize("power_scale, shown", [

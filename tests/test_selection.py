@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from rigl_func import drop, grow
 
 NAN, INF = math.nan, math.inf
+F32MAX = torch.finfo(torch.float32).max
+F32TINY = float(torch.finfo(torch.float32).smallest_normal) / 4  # a subnormal
 
 
 def _t(values, device, dtype=torch.float32):
@@ -51,6 +53,10 @@ DROP_TABLE = [
     pytest.param([-INF, 0.0, NAN, -1.0], [1, 1, 1, 1], 3, [0, 1, 0, 0], id="nan-neg-inf-then-lowest"),
     pytest.param([NAN, 1.0, NAN], [1, 1, 1], 1, [0, 1, 1], id="two-nans-lower-index"),
     pytest.param([INF, 5.0, 1.0], [1, 1, 1], 2, [1, 0, 0], id="pos-inf-dropped-last"),
+    # +-inf are distinct from +-float32 max: -inf before -max, max before +inf
+    pytest.param([-F32MAX, -INF], [1, 1], 1, [1, 0], id="neg-inf-before-neg-max"),
+    pytest.param([INF, F32MAX], [1, 1], 1, [1, 0], id="max-before-pos-inf"),
+    pytest.param([-F32MAX, -INF, NAN], [1, 1, 1], 2, [1, 0, 0], id="nan-neg-inf-then-neg-max"),
     pytest.param([NAN, 0.5, 0.2], [0, 1, 1], 1, [0, 1, 0], id="inactive-nan-ignored"),
     pytest.param([0.0, -0.0], [1, 1], 1, [0, 1], id="zero-neg-zero-tie"),
     pytest.param([-0.0, 0.0], [1, 1], 1, [0, 1], id="neg-zero-zero-tie"),
@@ -72,6 +78,8 @@ GROW_TABLE = [
     pytest.param([NAN, INF, -INF, 0.1, 0.2], [0, 0, 0, 0, 0], 5, [0, 0, 0, 1, 1], id="fewer-finite-than-n"),
     pytest.param([NAN, INF, -INF], [0, 0, 0], 2, [0, 0, 0], id="no-finite-candidate"),
     pytest.param([-0.0, 0.0], [0, 0], 1, [1, 0], id="neg-zero-zero-tie"),
+    pytest.param([F32MAX, INF, -F32MAX], [0, 0, 0], 2, [1, 0, 1], id="max-grown-inf-not"),
+    pytest.param([0.0, F32TINY, -F32TINY], [0, 0, 0], 1, [0, 1, 0], id="subnormal-above-zero"),
     pytest.param([0.0, -0.0], [0, 0], 1, [1, 0], id="zero-neg-zero-tie"),
     pytest.param([0.5, 0.1, 0.9], [0, 1, 0], 0, [0, 1, 0], id="n-zero"),
     pytest.param([0.5, 0.1, 0.9], [0, 1, 0], 100, [1, 1, 1], id="n-exceeds-inactive"),
@@ -242,7 +250,7 @@ def _ref_grow(scores: list[float], mask: list[bool], n: int) -> list[bool]:
     return [m or i in grown for i, m in enumerate(mask)]
 
 
-_SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, INF, -INF, NAN])
+_SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, INF, -INF, NAN, F32MAX, -F32MAX, F32TINY, -F32TINY])
 _SCORE = st.one_of(st.floats(width=32), _SPECIAL, st.integers(-3, 3).map(float))
 
 
