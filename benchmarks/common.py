@@ -51,9 +51,9 @@ class Context:
         repeats: timed calls per variant.
         warmup: untimed calls per variant before timing.
         compile_backend: ``torch.compile`` backend (``inductor`` in full mode).
-        compile_configs: ``"all"``, ``"headline"`` (only the headline configs) or
-            ``"none"``: which configs also run the compiled variant.
-        profile: whether to run ``torch.profiler`` on the headline config.
+        compile_configs: ``"all"``, ``"primary"`` (only each benchmark's primary
+            config) or ``"none"``: which configs also run the compiled variant.
+        profile: whether to run ``torch.profiler`` on the primary config.
     """
 
     device: torch.device
@@ -61,7 +61,7 @@ class Context:
     repeats: int
     warmup: int
     compile_backend: str = "inductor"
-    compile_configs: str = "headline"
+    compile_configs: str = "primary"
     profile: bool = True
 
 

@@ -143,8 +143,9 @@ def update_topology(
         (32, 1)
     """
     _check_tree(params, state.masks, "params")
-    growth = state.grad_acc if config.grad_accumulation_n > 1 else grads
-    _check_tree(growth, state.masks, "grads")
+    accumulating = config.grad_accumulation_n > 1
+    growth = state.grad_acc if accumulating else grads
+    _check_tree(growth, state.masks, "state.grad_acc" if accumulating else "grads")
     fraction = drop_fraction(state.step, config)
     max_n = _max_replaced(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), config)
     new_params = dict(params)

@@ -64,7 +64,7 @@ def test_reset_optimizer_state_key_mismatch():
 
 def _model_and_masks(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(device)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(device)  # tanh: no dead units
     gen = torch.Generator().manual_seed(1)
     old = {"0.weight": torch.rand(4, 5, generator=gen) < 0.5, "2.weight": torch.rand(3, 4, generator=gen) < 0.5}
     new = {k: v.clone() for k, v in old.items()}
@@ -79,8 +79,9 @@ def _model_and_masks(device):
 
 
 def _train(model, opt, device, steps=3):
-    x = torch.randn(8, 5, device=device)
-    y = torch.randn(8, 3, device=device)
+    gen = torch.Generator().manual_seed(2)  # same data on every device
+    x = torch.randn(8, 5, generator=gen).to(device)
+    y = torch.randn(8, 3, generator=gen).to(device)
     for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()  # dense grads: state is non-zero everywhere

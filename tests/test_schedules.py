@@ -20,6 +20,7 @@ from rigl_func import (
     constant_schedule,
     cosine_schedule,
     drop_fraction,
+    in_accumulation_window,
     is_update_step,
     linear_schedule,
 )
@@ -129,3 +130,32 @@ def test_is_update_step_batched_tensor(device):
     cfg = RigLConfig(t_end=50, delta=10)
     steps = torch.tensor([0, 5, 10, 20, 40, 50, 60], device=device)
     assert is_update_step(steps, cfg).tolist() == [False, False, True, True, True, False, False]
+
+
+# ---------------------------------------------------------------------------------
+# in_accumulation_window: the update step and the grad_accumulation_n - 1 before it.
+
+# (config kwargs, window steps, within range(0, last))
+WINDOW_TABLE = [
+    (dict(t_end=300, delta=100, grad_accumulation_n=3), [98, 99, 100, 198, 199, 200], 420),
+    (dict(t_end=301, delta=100, grad_accumulation_n=2), [99, 100, 199, 200, 299, 300], 420),
+    (dict(t_end=100, delta=10, grad_accumulation_n=1), list(range(10, 100, 10)), 130),
+    (dict(t_end=8, delta=4, grad_accumulation_n=2), [3, 4], 20),  # 8 is not an update step
+    # t_start = 5, delta = 10: updates 5, 15, 25, 35, 45
+    (dict(t_end=50, delta=10, t_start=5, grad_accumulation_n=2), [4, 5, 14, 15, 24, 25, 34, 35, 44, 45], 70),
+    # t_start = 3, delta = 4, k = 3: update 3 takes steps 1..3
+    (dict(t_end=12, delta=4, t_start=3, grad_accumulation_n=3), [1, 2, 3, 5, 6, 7, 9, 10, 11], 20),
+]
+
+
+@pytest.mark.parametrize("kwargs, expected, last", WINDOW_TABLE)
+def test_in_accumulation_window_table(kwargs, expected, last, device):
+    cfg = RigLConfig(**kwargs)
+    assert [s for s in range(last) if in_accumulation_window(s, cfg)] == expected
+    steps = torch.arange(last, device=device)
+    out = in_accumulation_window(steps, cfg)
+    assert out.dtype == torch.bool
+    assert steps[out].tolist() == expected
+    for s in (0, expected[0], last - 1):
+        out_t = in_accumulation_window(torch.tensor(s, device=device), cfg)
+        assert out_t.dim() == 0 and bool(out_t) == bool(in_accumulation_window(s, cfg))

@@ -48,7 +48,8 @@ def _clone(tree):
 
 
 def _same(a, b) -> bool:
-    """Trees equal leaf by leaf (NaN == NaN, -0.0 != 0.0 is not distinguished)."""
+    """Trees equal leaf by leaf: same structure, dtypes, shapes, devices and values
+    (NaN counts as equal to NaN)."""
     la, sa = tree_flatten(a)
     lb, sb = tree_flatten(b)
     if sa != sb or len(la) != len(lb):
@@ -248,6 +249,18 @@ def test_update_topology_errors(device):
         update_topology(params, {**grads, "w1": grads["w1"].reshape(3, 2)}, state, cfg)
     with pytest.raises(TypeError, match="grads"):
         update_topology(params, [grads["w1"]], state, cfg)
+
+
+def test_update_topology_state_from_other_accumulation_config(device):
+    """A state made with grad_accumulation_n=1 has no accumulator; using it with a
+    k > 1 config must name the accumulator, not the (complete) grads."""
+    cfg1, params, grads, state = _table_setup(device)
+    cfg3 = RigLConfig(**{**{f: getattr(cfg1, f) for f in ("t_end", "delta", "sparsity", "distribution", "alpha", "schedule")},
+                         "grad_accumulation_n": 3})
+    with pytest.raises(ValueError, match=r"state\.grad_acc is missing sparse layers"):
+        update_topology(params, grads, state, cfg3)
+    with pytest.raises(ValueError, match="state.grad_acc"):
+        rigl_func.check_state(state, params, cfg3)
 
 
 def _fraction(step: int, cfg: RigLConfig) -> float:
