@@ -280,5 +280,7 @@ def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfi
         step=torch.tensor(int(step), dtype=torch.int64, device=step_device),
         num_updates=torch.tensor(int(rigl_steps), dtype=torch.int64, device=step_device),
         grad_acc={n: t.to(params[n].device) for n, t in grad_acc.items()},
+        ema={},  # the shell runs RigL or static topology: no gradient EMA
+        key=torch.tensor(int(sd.get("key", 0)), dtype=torch.int64, device=step_device),
     )
     return state, int(step), int(rigl_steps)

@@ -5,6 +5,9 @@ Everything that does not change during training lives here (sparsity, distributi
 are sparse). Being hashable, a config can be a static argument of ``torch.compile``.
 Everything that changes lives in :class:`rigl_func.RigLState`.
 
+``method`` picks a row of the RigL paper's comparison (``"rigl"``, ``"set"``,
+``"snfs"``, ``"static"``) by filling in the criteria and EMA momentum left unset.
+
 Names follow the RigL paper (Evci et al. 2020, Sec. 3): ``delta`` is ΔT, the number
 of steps between topology updates, ``t_end`` is T_end, the step after which the
 topology is frozen, ``alpha`` is the initial drop fraction α.
@@ -17,15 +20,22 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
-__all__ = ["RigLConfig", "Criterion"]
+__all__ = ["RigLConfig", "Criterion", "METHODS"]
 
 Criterion = Callable[..., "object"]
 CriterionSpec = Union[str, Callable]
 
-_SCHEDULES = ("cosine", "constant", "linear")
-_GROW_INITS = ("zeros",)
+_SCHEDULES = ("cosine", "constant", "linear", "inverse_power")
+_GROW_INITS = ("zeros", "normal", "gradient")
+#: method -> (drop criterion, grow criterion, EMA momentum) used when those fields are left unset.
+METHODS = {
+    "rigl": ("magnitude", "gradient", 0.0),   # Evci et al. 2020
+    "set": ("magnitude", "random", 0.0),      # Mocanu et al. 2018
+    "snfs": ("magnitude", "ema", 0.9),        # Dettmers & Zettlemoyer 2019 (RigL's simplification)
+    "static": ("magnitude", "gradient", 0.0), # masks never change
+}
 
 
 def _is_int(value) -> bool:
@@ -51,12 +61,20 @@ class RigLConfig:
         schedule: drop-fraction schedule ``"cosine"`` (paper default),
             ``"constant"`` or ``"linear"``; see :mod:`rigl_func.schedules`.
         t_start: first step at which updates may happen (default 0).
+        method: ``"rigl"`` (default), ``"set"`` (random growth), ``"snfs"`` (growth by
+            the EMA of dense gradients) or ``"static"`` (no updates).
         drop_criterion: name in :data:`rigl_func.criteria.CRITERIA` or a function
-            ``(param, grad, mask) -> scores``; the lowest-scoring active entries
-            are dropped. Default ``"magnitude"`` (|w|).
+            ``(param, grad, mask[, extras]) -> scores``; the lowest-scoring active
+            entries are dropped. ``None``: the method's (``"magnitude"``, |w|).
         grow_criterion: same form; the highest-scoring inactive entries are grown.
-            Default ``"gradient"`` (|dL/dw| of the dense gradient).
-        grow_init: value of genuinely new connections, ``"zeros"``.
+            ``None``: the method's (RigL ``"gradient"``, SET ``"random"``, SNFS ``"ema"``).
+        grow_init: value of genuinely new connections: ``"zeros"`` (paper),
+            ``"normal"`` (N(0, std of the layer's active weights) * grow_init_scale),
+            ``"gradient"`` (``-grow_init_scale * grad``, one SGD step from zero).
+        grow_init_scale: scale for ``grow_init`` ``"normal"`` / ``"gradient"``.
+        ema_momentum: β of the gradient EMA ``m = β m + (1 - β) g`` kept in the state
+            (SNFS); ``None``: the method's (0.9 for SNFS, else 0 = no EMA).
+        schedule_power: exponent k of the ``"inverse_power"`` schedule.
         grad_accumulation_n: number of most recent steps whose dense gradients are
             averaged for the grow score, in [1, delta) (rigl-torch's extension).
         include: regular expressions; when non-empty, only parameters whose name
@@ -84,9 +102,13 @@ class RigLConfig:
     alpha: float = 0.3
     schedule: str = "cosine"
     t_start: int = 0
-    drop_criterion: CriterionSpec = "magnitude"
-    grow_criterion: CriterionSpec = "gradient"
+    method: str = "rigl"
+    drop_criterion: Optional[CriterionSpec] = None
+    grow_criterion: Optional[CriterionSpec] = None
     grow_init: str = "zeros"
+    grow_init_scale: float = 1.0
+    ema_momentum: Optional[float] = None
+    schedule_power: float = 3.0
     grad_accumulation_n: int = 1
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -97,11 +119,20 @@ class RigLConfig:
         from rigl_func.criteria import resolve_criterion
         from rigl_func.distributions import get_distribution
 
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got method={self.method!r}")
+        drop_default, grow_default, ema_default = METHODS[self.method]
+        if self.drop_criterion is None:
+            object.__setattr__(self, "drop_criterion", drop_default)
+        if self.grow_criterion is None:
+            object.__setattr__(self, "grow_criterion", grow_default)
+        if self.ema_momentum is None:
+            object.__setattr__(self, "ema_momentum", ema_default)
         for name in ("t_end", "delta", "t_start", "grad_accumulation_n"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise TypeError(f"{name} must be an int, got {name}={value!r}")
-        for name in ("sparsity", "alpha", "erk_power_scale"):
+        for name in ("sparsity", "alpha", "erk_power_scale", "grow_init_scale", "ema_momentum", "schedule_power"):
             value = getattr(self, name)
             if not _is_real(value):
                 raise TypeError(f"{name} must be a real number, got {name}={value!r}")
@@ -121,6 +152,14 @@ class RigLConfig:
             raise ValueError(
                 f"erk_power_scale must be finite and >= 0, got erk_power_scale={self.erk_power_scale!r}"
             )
+        if not (math.isfinite(self.ema_momentum) and 0.0 <= self.ema_momentum < 1.0):
+            raise ValueError(f"ema_momentum must be in [0, 1), got ema_momentum={self.ema_momentum!r}")
+        if not (math.isfinite(self.grow_init_scale) and self.grow_init_scale >= 0):
+            raise ValueError(f"grow_init_scale must be finite and >= 0, got grow_init_scale={self.grow_init_scale!r}")
+        if not (math.isfinite(self.schedule_power) and self.schedule_power > 0):
+            raise ValueError(f"schedule_power must be finite and > 0, got schedule_power={self.schedule_power!r}")
+        if self.grow_criterion == "ema" and self.ema_momentum == 0.0:
+            raise ValueError("grow_criterion='ema' needs ema_momentum in (0, 1), got ema_momentum=0.0")
         if not 1 <= self.grad_accumulation_n < self.delta:
             raise ValueError(
                 f"grad_accumulation_n must be in [1, delta={self.delta}), "
@@ -148,7 +187,7 @@ class RigLConfig:
                     re.compile(pattern)
                 except re.error as err:
                     raise ValueError(f"{name} has an invalid regex {pattern!r}: {err}") from None
-        if self.delta >= self.t_end:
+        if self.delta >= self.t_end and self.method != "static":
             warnings.warn(
                 f"delta={self.delta} >= t_end={self.t_end}: no topology update will ever "
                 "happen (the masks stay static)",

@@ -1,4 +1,4 @@
-"""Drop and grow criteria: plain functions ``(param, grad, mask) -> scores``.
+"""Drop and grow criteria: plain functions ``(param, grad, mask[, extras]) -> scores``.
 
 A criterion maps one layer's tensors to a float score per entry, same shape as the
 parameter. :func:`rigl_func.drop` removes the *lowest* drop scores among active
@@ -13,15 +13,30 @@ Args of every criterion:
     param: float tensor, the layer's weight (zeros at inactive entries), e.g. ``[out, in]``.
     grad: float tensor, same shape, the dense gradient (or its accumulated mean).
     mask: bool tensor, same shape, the current mask.
+    extras: optional 4th argument, ``dict[str, Tensor]`` of per-layer extras:
+        ``"key"`` (0-d int64, a random key unique to this layer and update step; use
+        :func:`rigl_func.random.uniform`), ``"step"`` (0-d int64), ``"ema"`` (the
+        gradient EMA, when ``ema_momentum > 0``), plus the layer's entry of every
+        tree passed as ``update_topology(..., aux={"momentum": tree})``.
+
+Example, a new grow criterion (gradient times optimizer momentum) in three lines:
+
+    def grow_by_momentum(param, grad, mask, extras):
+        return (grad * extras["momentum"]).abs()
+    config = RigLConfig(t_end=..., grow_criterion=grow_by_momentum)
+    params, state = update_topology(params, grads, state, config, aux={"momentum": mom})
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import inspect
+from typing import Callable, Mapping, Union
 
 from torch import Tensor
 
-__all__ = ["magnitude", "gradient", "CRITERIA", "resolve_criterion"]
+from rigl_func.random import uniform
+
+__all__ = ["magnitude", "gradient", "random", "ema", "CRITERIA", "resolve_criterion", "call_criterion"]
 
 
 def magnitude(param: Tensor, grad: Tensor, mask: Tensor) -> Tensor:
@@ -46,17 +61,62 @@ def gradient(param: Tensor, grad: Tensor, mask: Tensor) -> Tensor:
     return grad.abs()
 
 
-CRITERIA: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+def random(param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
+    """Uniform random scores from ``extras["key"]`` (SET's grow criterion).
+
+    Reproducible: a function of the state's key, the step and the layer name.
+
+    Example:
+        >>> import torch
+        >>> s = random(torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.bool), {"key": torch.tensor(1)})
+        >>> s.shape, bool(((s >= 0) & (s < 1)).all())
+        (torch.Size([3]), True)
+    """
+    return uniform(extras["key"], param.shape, param.device)
+
+
+def ema(param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
+    """Magnitude of the exponential moving average of dense gradients (SNFS).
+
+    Example:
+        >>> import torch
+        >>> ema(torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.bool), {"ema": torch.tensor([-1.0, 0.5])})
+        tensor([1.0000, 0.5000])
+    """
+    return extras["ema"].abs()
+
+
+CRITERIA: dict[str, Callable[..., Tensor]] = {
     "magnitude": magnitude,
     "gradient": gradient,
+    "random": random,
+    "ema": ema,
 }
+
+
+def _takes_extras(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def call_criterion(fn: Callable, param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
+    """Call a 3- or 4-argument criterion and check it returned a tensor of the right shape."""
+    scores = fn(param, grad, mask, extras) if _takes_extras(fn) else fn(param, grad, mask)
+    if not isinstance(scores, Tensor) or scores.shape != param.shape:
+        raise ValueError(f"criterion {getattr(fn, '__name__', fn)!r} must return a tensor of shape "
+                         f"{tuple(param.shape)}, got {getattr(scores, 'shape', type(scores).__name__)}")
+    return scores
 
 
 def resolve_criterion(spec: Union[str, Callable], argname: str = "criterion") -> Callable:
     """Turn a criterion name or function into a function.
 
     Args:
-        spec: a key of :data:`CRITERIA` or a callable ``(param, grad, mask) -> scores``.
+        spec: a key of :data:`CRITERIA` or a callable ``(param, grad, mask[, extras]) -> scores``.
         argname: argument name used in error messages.
 
     Raises:

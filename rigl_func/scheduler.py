@@ -329,6 +329,7 @@ class RigLScheduler:
             "S": list(self.S),
             "masks": dict(self._state.masks),
             "grad_acc": dict(self._state.grad_acc),
+            "key": int(self._state.key),
             "step": self._step,
             "rigl_steps": self._rigl_steps,
         }

@@ -11,6 +11,7 @@ clipped to [0, 1] (``t_start = 0`` gives the paper's formula):
 * ``cosine``:   f = alpha / 2 * (1 + cos(pi * p))
 * ``constant``: f = alpha
 * ``linear``:   f = alpha * (1 - p)
+* ``inverse_power``: f = alpha * (1 - p) ** k   (``config.schedule_power``)
 
 Every function accepts a Python ``int`` step (returns Python values) or a 0-d integer
 tensor (returns 0-d tensors, no host sync), so they run inside ``torch.compile`` and
@@ -31,6 +32,7 @@ __all__ = [
     "cosine_schedule",
     "constant_schedule",
     "linear_schedule",
+    "inverse_power_schedule",
     "drop_fraction",
     "is_update_step",
     "in_accumulation_window",
@@ -94,7 +96,23 @@ def linear_schedule(step: Step, alpha: float, t_end: int, t_start: int = 0):
     return alpha * (1 - p)
 
 
-SCHEDULES = {"cosine": cosine_schedule, "constant": constant_schedule, "linear": linear_schedule}
+def inverse_power_schedule(step: Step, alpha: float, t_end: int, t_start: int = 0, power: float = 3.0):
+    """Inverse-power drop fraction ``alpha * (1 - p) ** power``.
+
+    Example:
+        >>> round(inverse_power_schedule(50, 0.4, 100, power=2), 6)
+        0.1
+    """
+    p = _progress(step, t_start, t_end)
+    return alpha * (1 - p) ** power
+
+
+SCHEDULES = {
+    "cosine": cosine_schedule,
+    "constant": constant_schedule,
+    "linear": linear_schedule,
+    "inverse_power": inverse_power_schedule,
+}
 
 
 def drop_fraction(step: Step, config: RigLConfig):
@@ -112,15 +130,16 @@ def drop_fraction(step: Step, config: RigLConfig):
         >>> round(drop_fraction(100, RigLConfig(t_end=200, delta=100, alpha=0.3)), 6)
         0.15
     """
-    fn = SCHEDULES[config.schedule]
-    return fn(step, config.alpha, config.t_end, config.t_start)
+    if config.schedule == "inverse_power":
+        return inverse_power_schedule(step, config.alpha, config.t_end, config.t_start, config.schedule_power)
+    return SCHEDULES[config.schedule](step, config.alpha, config.t_end, config.t_start)
 
 
 def is_update_step(step: Step, config: RigLConfig):
     """Whether a topology update happens at ``step``.
 
-    True iff ``step > 0``, ``t_start <= step < t_end`` and
-    ``(step - t_start) % delta == 0``. Steps count completed training iterations,
+    True iff ``config.method != "static"``, ``step > 0``, ``t_start <= step < t_end``
+    and ``(step - t_start) % delta == 0``. Steps count completed training iterations,
     as :func:`rigl_func.accumulate` does: the first update happens on the
     ``delta``-th iteration (rigl-torch's convention).
 
@@ -137,6 +156,8 @@ def is_update_step(step: Step, config: RigLConfig):
         >>> [s for s in range(0, 401, 50) if is_update_step(s, cfg)]
         [100, 200]
     """
+    if config.method == "static":
+        return torch.zeros((), dtype=torch.bool, device=step.device) if isinstance(step, torch.Tensor) else False
     on_grid = (step - config.t_start) % config.delta == 0
     in_range = (step >= config.t_start) & (step < config.t_end) & (step > 0)
     return on_grid & in_range

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from rigl_func.config import RigLConfig
 from rigl_func.masks import init_masks, sparse_param_names, target_nnz, validate_masks
 
-__all__ = ["RigLState", "init_state", "check_state", "zeros_accumulator"]
+__all__ = ["RigLState", "init_state", "check_state", "zeros_accumulator", "zeros_ema"]
 
 
 class RigLState(NamedTuple):
@@ -31,17 +31,32 @@ class RigLState(NamedTuple):
         grad_acc: ``dict[str, Tensor]`` running mean of the dense gradients inside
             the accumulation window, same keys/shapes/dtypes as the sparse params;
             empty (no memory) when ``grad_accumulation_n == 1``.
+        ema: ``dict[str, Tensor]`` exponential moving average of the dense gradients
+            (SNFS), updated by every :func:`rigl_func.accumulate`; empty when
+            ``ema_momentum == 0``.
+        key: shape=(), int64: random key (seed) of random criteria / grow inits.
+            Random numbers are hashes of (key, step, layer), so a resumed run draws
+            the same numbers as an uninterrupted one.
     """
 
     masks: dict[str, Tensor]
     step: Tensor  # shape=(), int64
     num_updates: Tensor  # shape=(), int64
     grad_acc: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    key: Tensor  # shape=(), int64
 
 
 def zeros_accumulator(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], config: RigLConfig) -> dict[str, Tensor]:
     """Zero gradient accumulators for the sparse layers (``{}`` if not accumulating)."""
     if config.grad_accumulation_n == 1:
+        return {}
+    return {name: torch.zeros_like(params[name]) for name in masks}
+
+
+def zeros_ema(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], config: RigLConfig) -> dict[str, Tensor]:
+    """Zero gradient EMAs for the sparse layers (``{}`` if ``ema_momentum == 0``)."""
+    if config.ema_momentum == 0.0:
         return {}
     return {name: torch.zeros_like(params[name]) for name in masks}
 
@@ -56,7 +71,9 @@ def init_state(
 ) -> RigLState:
     """Choose the sparse layers, compute their sparsities and draw random masks.
 
-    Exactly one of ``seed`` / ``generator`` / ``masks`` must be given. Masks are
+    Exactly one of ``seed`` / ``generator`` / ``masks`` must be given. The state's
+    random ``key`` is ``seed`` (or drawn from ``generator``; 0 with ``masks``: use
+    ``state._replace(key=...)`` for random criteria). Masks are
     drawn on the CPU (same seed, same masks on every device and process) and placed
     on each parameter's device. Remember to zero the params afterwards:
     ``params = rigl_func.apply_masks(params, state.masks)``.
@@ -94,20 +111,26 @@ def init_state(
     else:
         params = dict(model_or_params)
     names = sparse_param_names(model_or_params, config)
+    key = 0
     if masks is None:
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int, got seed={seed!r}")
             generator = torch.Generator().manual_seed(seed)
+            key = seed
         shapes = {n: tuple(params[n].shape) for n in names}
         masks = init_masks(shapes, target_nnz(shapes, config), generator=generator,
                            device={n: params[n].device for n in names})
+        if seed is None:  # the key continues the generator's stream, after the masks
+            key = int(torch.randint(0, 2**31 - 1, (), generator=generator))
     else:
         masks = dict(masks)
     step_device = next(iter(params.values())).device if params else None
     zero = torch.zeros((), dtype=torch.int64, device=step_device)
     state = RigLState(masks=masks, step=zero, num_updates=zero.clone(),
-                      grad_acc=zeros_accumulator(params, masks, config))
+                      grad_acc=zeros_accumulator(params, masks, config),
+                      ema=zeros_ema(params, masks, config),
+                      key=torch.tensor(key, dtype=torch.int64, device=step_device))
     check_state(state, params, config)
     return state
 
@@ -126,7 +149,7 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
     if not isinstance(state, RigLState):
         raise TypeError(f"state must be a RigLState, got {type(state).__name__}")
     validate_masks(state.masks, params, argname="state.masks")
-    for field in ("step", "num_updates"):
+    for field in ("step", "num_updates", "key"):
         value = getattr(state, field)
         if not isinstance(value, Tensor) or value.dim() != 0 or value.dtype != torch.int64:
             raise TypeError(f"state.{field} must be a 0-d int64 tensor, got {value!r}")
@@ -142,7 +165,12 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
     if set(state.grad_acc) != want_acc:
         raise ValueError(f"state.grad_acc keys {sorted(state.grad_acc)} do not match the expected {sorted(want_acc)} "
                          f"for grad_accumulation_n={config.grad_accumulation_n}")
-    for name, acc in state.grad_acc.items():
-        if acc.shape != params[name].shape or acc.dtype != params[name].dtype:
-            raise ValueError(f"state.grad_acc[{name!r}] has shape/dtype {tuple(acc.shape)}/{acc.dtype}, "
-                             f"params[{name!r}] has {tuple(params[name].shape)}/{params[name].dtype}")
+    want_ema = set(state.masks) if config.ema_momentum > 0 else set()
+    if set(state.ema) != want_ema:
+        raise ValueError(f"state.ema keys {sorted(state.ema)} do not match the expected {sorted(want_ema)} "
+                         f"for ema_momentum={config.ema_momentum}")
+    for field, tree in (("grad_acc", state.grad_acc), ("ema", state.ema)):
+        for name, acc in tree.items():
+            if acc.shape != params[name].shape or acc.dtype != params[name].dtype:
+                raise ValueError(f"state.{field}[{name!r}] has shape/dtype {tuple(acc.shape)}/{acc.dtype}, "
+                                 f"params[{name!r}] has {tuple(params[name].shape)}/{params[name].dtype}")

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from rigl_func.config import RigLConfig
-from rigl_func.criteria import resolve_criterion
+from rigl_func.config import CriterionSpec, RigLConfig
+from rigl_func.criteria import call_criterion, resolve_criterion
+from rigl_func.random import fold_in, layer_id, normal
 from rigl_func.masks import target_nnz
 from rigl_func.schedules import drop_fraction, in_accumulation_window
 from rigl_func.selection import drop, grow
@@ -46,8 +47,11 @@ def update_layer(
     fraction: Union[float, Tensor],
     *,
     max_n: int,
-    drop_criterion: Callable = "magnitude",
-    grow_criterion: Callable = "gradient",
+    drop_criterion: CriterionSpec = "magnitude",
+    grow_criterion: CriterionSpec = "gradient",
+    extras: Optional[Mapping[str, Tensor]] = None,
+    grow_init: str = "zeros",
+    grow_init_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """RigL update of one layer: the unit that ``update_topology`` maps over layers.
 
@@ -57,11 +61,16 @@ def update_layer(
         mask: bool tensor, same shape.
         fraction: drop fraction ``f(t)`` (float or 0-d tensor).
         max_n: static upper bound on the number of replaced entries.
-        drop_criterion, grow_criterion: names or functions ``(param, grad, mask) -> scores``.
+        drop_criterion, grow_criterion: names or functions
+            ``(param, grad, mask[, extras]) -> scores``.
+        extras: per-layer extras for criteria and random inits (``"key"``: 0-d int64,
+            needed by random criteria and ``grow_init="normal"``; ``"ema"``; ...).
+        grow_init: ``"zeros"``, ``"normal"`` or ``"gradient"`` (see :class:`RigLConfig`).
+        grow_init_scale: scale of the non-zero grow inits.
 
     Returns:
-        ``(new_param, new_mask)``: same nnz as ``mask``; new connections are 0,
-        inactive entries are exactly 0. Pure: inputs are not modified.
+        ``(new_param, new_mask)``: same nnz as ``mask``; new connections initialized
+        by ``grow_init``, inactive entries exactly 0. Pure: inputs are not modified.
 
     Example:
         >>> w = torch.tensor([[0.5, -0.1], [0.0, 0.0]])
@@ -71,27 +80,47 @@ def update_layer(
         >>> m2.tolist(), p.tolist()
         ([[True, False], [True, False]], [[0.5, 0.0], [0.0, 0.0]])
     """
-    drop_fn = resolve_criterion(drop_criterion, "drop_criterion")
-    grow_fn = resolve_criterion(grow_criterion, "grow_criterion")
-    drop_scores = drop_fn(param, grad, mask)
-    grow_scores = grow_fn(param, grad, mask)
+    extras = {} if extras is None else extras
+    drop_scores = call_criterion(resolve_criterion(drop_criterion, "drop_criterion"), param, grad, mask, extras)
+    grow_scores = call_criterion(resolve_criterion(grow_criterion, "grow_criterion"), param, grad, mask, extras)
     fraction = torch.as_tensor(fraction, dtype=torch.float64, device=mask.device)
     n = torch.floor(fraction * mask.sum()).to(torch.int64).clamp(min=0, max=max_n)
     growable = (torch.isfinite(grow_scores) & ~mask).sum()
     n = torch.minimum(n, growable)
     kept = drop(drop_scores, mask, n, max_n=max_n)
     new_mask = grow(grow_scores, kept, n, max_n=max_n)
-    new_param = torch.where(new_mask & mask, param, torch.zeros((), dtype=param.dtype, device=param.device))
-    return new_param, new_mask
+    zero = torch.zeros((), dtype=param.dtype, device=param.device)
+    new_param = torch.where(new_mask & mask, param, zero)
+    if grow_init == "zeros":
+        return new_param, new_mask
+    fresh = new_mask & ~mask
+    if grow_init == "normal":
+        active = mask.to(param.dtype)
+        count = active.sum().clamp(min=1)
+        mean = (param * active).sum() / count
+        std = torch.sqrt((((param - mean) * active) ** 2).sum() / count)
+        init = normal(fold_in(extras["key"], 0x5EED), param.shape, param.device).to(param.dtype) * std
+    elif grow_init == "gradient":
+        init = -grad
+    else:
+        raise ValueError(f"grow_init must be 'zeros', 'normal' or 'gradient', got grow_init={grow_init!r}")
+    return torch.where(fresh, grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), new_param), new_mask
 
 
 @torch.compiler.assume_constant_result
-def _max_replaced(shapes: tuple, config: RigLConfig) -> dict[str, int]:
+def _static_layer_info(shapes: tuple, config: RigLConfig) -> dict[str, int]:
     """Static ``topk`` size per layer: ``floor(alpha * N_target)``. Plain Python on
     shapes and the config, evaluated once at trace time under ``torch.compile``."""
     shapes = dict(shapes)
     expected = target_nnz(shapes, config)
-    return {k: min(math.floor(config.alpha * expected[k]), math.prod(shapes[k])) for k in shapes}
+    return {
+        k: min(math.floor(config.alpha * expected[k]), math.prod(shapes[k])) for k in shapes
+    }
+
+
+@torch.compiler.assume_constant_result
+def _layer_ids(names: tuple) -> tuple:
+    return tuple(layer_id(n) for n in names)
 
 
 def _check_tree(tree: Mapping[str, Tensor], masks: Mapping[str, Tensor], argname: str) -> None:
@@ -110,6 +139,7 @@ def update_topology(
     grads: Mapping[str, Tensor],
     state: RigLState,
     config: RigLConfig,
+    aux: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
 ) -> tuple[dict[str, Tensor], RigLState]:
     """One RigL topology update across all sparse layers, at step ``state.step``.
 
@@ -125,6 +155,8 @@ def update_topology(
             accumulated mean in ``state.grad_acc`` is used instead).
         state: current state; ``state.step`` picks the drop fraction.
         config: the RigL config.
+        aux: optional named trees (e.g. ``{"momentum": momentum_tree}``) whose
+            per-layer entries reach custom criteria through ``extras``.
 
     Returns:
         ``(params, state)``: new params with inactive entries exactly 0, and a state
@@ -147,13 +179,23 @@ def update_topology(
     growth = state.grad_acc if accumulating else grads
     _check_tree(growth, state.masks, "state.grad_acc" if accumulating else "grads")
     fraction = drop_fraction(state.step, config)
-    max_n = _max_replaced(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), config)
+    max_n = _static_layer_info(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), config)
+    ids = dict(zip(state.masks, _layer_ids(tuple(state.masks))))
+    aux = {} if aux is None else aux
+    for tree_name, tree in aux.items():
+        _check_tree(tree, state.masks, f"aux[{tree_name!r}]")
+    step_key = fold_in(state.key, state.step)
     new_params = dict(params)
     new_masks = {}
     for name, mask in state.masks.items():
+        extras = {"key": fold_in(step_key, ids[name]), "step": state.step}
+        if name in state.ema:
+            extras["ema"] = state.ema[name]
+        extras.update({tree_name: tree[name] for tree_name, tree in aux.items()})
         new_params[name], new_masks[name] = update_layer(
             params[name], growth[name], mask, fraction, max_n=max_n[name],
             drop_criterion=config.drop_criterion, grow_criterion=config.grow_criterion,
+            extras=extras, grow_init=config.grow_init, grow_init_scale=config.grow_init_scale,
         )
     new_acc = {k: torch.zeros_like(v) for k, v in state.grad_acc.items()}
     return new_params, state._replace(masks=new_masks, num_updates=state.num_updates + 1, grad_acc=new_acc)
@@ -163,7 +205,8 @@ def accumulate(state: RigLState, grads: Mapping[str, Tensor], config: RigLConfig
     """Record one training iteration: ``step += 1`` and fold ``grads`` into the window.
 
     Call it once per iteration, after the backward pass and before checking
-    :func:`rigl_func.is_update_step`. With ``grad_accumulation_n = k > 1`` the dense
+    :func:`rigl_func.is_update_step`. With ``ema_momentum = β > 0`` (SNFS) it also
+    updates ``state.ema = β ema + (1 - β) grads`` on every iteration. With ``grad_accumulation_n = k > 1`` the dense
     gradients of the ``k`` iterations ending at an update step (that step included)
     are averaged into ``state.grad_acc``; other iterations leave it unchanged (even
     if their gradients are NaN). With ``k = 1`` only the step counter moves.
@@ -187,12 +230,16 @@ def accumulate(state: RigLState, grads: Mapping[str, Tensor], config: RigLConfig
     """
     step = state.step + 1
     k = config.grad_accumulation_n
-    if k == 1:
+    beta = config.ema_momentum
+    if k == 1 and beta == 0.0:
         return state._replace(step=step)
     _check_tree(grads, state.masks, "grads")
+    ema = {name: beta * value + (1.0 - beta) * grads[name] for name, value in state.ema.items()}
+    if k == 1:
+        return state._replace(step=step, ema=ema)
     in_window = in_accumulation_window(step, config)
     acc = {
         name: torch.where(in_window, value + grads[name] / k, value)
         for name, value in state.grad_acc.items()
     }
-    return state._replace(step=step, grad_acc=acc)
+    return state._replace(step=step, grad_acc=acc, ema=ema)

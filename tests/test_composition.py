@@ -150,7 +150,7 @@ def test_vmap_shared_step_equals_loop(k, device):
     assert all(torch.equal(stacked_params[n][i], params[i][n]) for i in range(K) for n in params[0])
     shared = states[0]
     batched = _stack(states)._replace(step=shared.step, num_updates=shared.num_updates)
-    dims = RigLState(masks=0, step=None, num_updates=None, grad_acc=0)
+    dims = RigLState(masks=0, step=None, num_updates=None, grad_acc=0, ema=0, key=0)
     out_params, out_state = vmap(update_topology, in_dims=(0, 0, dims, None))(stacked_params, _stack(grads), batched, cfg)
     changed = 0
     for i in range(K):

@@ -346,12 +346,12 @@ def test_riglstate_is_a_pytree_of_tensors(k, device):
     state = init_state(params, cfg, seed=0)
     leaves, spec = tree_flatten(state)
     n_masks, n_acc = 2, (2 if k > 1 else 0)
-    assert len(leaves) == n_masks + 2 + n_acc
+    assert len(leaves) == n_masks + 3 + n_acc  # + step, num_updates, key; no EMA without SNFS
     assert all(isinstance(x, torch.Tensor) for x in leaves), [type(x) for x in leaves]
     assert not any(x is None for x in leaves)
     rebuilt = tree_unflatten(leaves, spec)
     assert type(rebuilt) is RigLState
-    assert rebuilt._fields == ("masks", "step", "num_updates", "grad_acc")
+    assert rebuilt._fields == ("masks", "step", "num_updates", "grad_acc", "ema", "key")
     assert all(torch.equal(rebuilt.masks[n], state.masks[n]) for n in state.masks)
     # no field may be None, as that would be a leaf under vmap
     assert all(getattr(state, f) is not None for f in RigLState._fields)
