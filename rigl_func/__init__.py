@@ -20,6 +20,18 @@ from rigl_func.masks import (
     validate_masks,
 )
 from rigl_func.optim import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
+from rigl_func.pruning import (
+    PruningConfig,
+    init_pruning_masks,
+    is_pruning_step,
+    mean_density_over_training,
+    mean_layer_densities_over_training,
+    prune,
+    pruning_layer_sparsities,
+    pruning_sparsity,
+    pruning_steps,
+    pruning_target_nnz,
+)
 from rigl_func.scheduler import RigLScheduler
 from rigl_func.schedules import (
     constant_schedule,
@@ -30,12 +42,14 @@ from rigl_func.schedules import (
     linear_schedule,
 )
 from rigl_func.selection import drop, grow
+from rigl_func.snip import snip_grads, snip_init, snip_masks, snip_scores
 from rigl_func.state import RigLState, check_state, init_state
 from rigl_func.topology import accumulate, update_layer, update_topology
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PruningConfig",
     "RigLConfig",
     "RigLScheduler",
     "RigLState",
@@ -70,4 +84,17 @@ __all__ = [
     "update_layer",
     "update_topology",
     "validate_masks",
+    "init_pruning_masks",
+    "is_pruning_step",
+    "mean_density_over_training",
+    "mean_layer_densities_over_training",
+    "prune",
+    "pruning_layer_sparsities",
+    "pruning_sparsity",
+    "pruning_steps",
+    "pruning_target_nnz",
+    "snip_grads",
+    "snip_init",
+    "snip_masks",
+    "snip_scores",
 ]

@@ -7,6 +7,8 @@ Everything that changes lives in :class:`rigl_func.RigLState`.
 
 ``method`` picks a row of the RigL paper's comparison (``"rigl"``, ``"set"``,
 ``"snfs"``, ``"static"``) by filling in the criteria and EMA momentum left unset.
+``structure`` picks the mask pattern: ``"unstructured"`` (the paper), ``"n:m"`` or
+``"block"`` (see :mod:`rigl_func.structured`).
 
 Names follow the RigL paper (Evci et al. 2020, Sec. 3): ``delta`` is ΔT, the number
 of steps between topology updates, ``t_end`` is T_end, the step after which the
@@ -82,6 +84,18 @@ class RigLConfig:
         exclude: regular expressions; matching parameters stay dense.
         dense: exact parameter names kept dense (left out of the sparsity budget).
         erk_power_scale: exponent of the ERK raw score (1.0 = paper).
+        structure: mask pattern of every sparse layer (:mod:`rigl_func.structured`):
+            ``"unstructured"`` (default, the paper), ``"n:m"`` or ``"block"``.
+        n_m: ``(N, M)`` with ``1 <= N <= M``, used when ``structure="n:m"``: exactly
+            ``N`` active entries in every group of ``M`` consecutive entries along
+            dim 1 of the weight (Linear ``[out, in]``: the inputs; Conv
+            ``[out, in, *k]``: the input channels at each ``(out, *k)`` position).
+            The sparsity of every sparse layer is then ``1 - N/M``; ``sparsity`` and
+            ``distribution`` are ignored. Dim 1 must be divisible by ``M``.
+        block: ``(rows, cols)`` block shape over the ``(out, in)`` dims, used when
+            ``structure="block"``; Conv kernels have their own blocks at each kernel
+            position. The distribution's per-layer sparsity is rounded to whole
+            blocks. Dims 0 and 1 must be divisible by ``rows`` and ``cols``.
 
     Raises:
         ValueError: a field has an invalid value; the message names it.
@@ -114,10 +128,14 @@ class RigLConfig:
     exclude: tuple[str, ...] = ()
     dense: tuple[str, ...] = ()
     erk_power_scale: float = 1.0
+    structure: str = "unstructured"
+    n_m: tuple[int, int] = (2, 4)
+    block: tuple[int, int] = (4, 4)
 
     def __post_init__(self) -> None:
         from rigl_func.criteria import resolve_criterion
         from rigl_func.distributions import get_distribution
+        from rigl_func.structured import STRUCTURES
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got method={self.method!r}")
@@ -174,6 +192,16 @@ class RigLConfig:
             raise ValueError(f"grow_init must be one of {_GROW_INITS}, got grow_init={self.grow_init!r}")
         resolve_criterion(self.drop_criterion, "drop_criterion")
         resolve_criterion(self.grow_criterion, "grow_criterion")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got structure={self.structure!r}")
+        for name in ("n_m", "block"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and len(value) == 2 and all(_is_int(v) for v in value)):
+                raise TypeError(f"{name} must be a tuple of two ints, got {name}={value!r}")
+        if not 1 <= self.n_m[0] <= self.n_m[1]:
+            raise ValueError(f"n_m=(N, M) must satisfy 1 <= N <= M, got n_m={self.n_m!r}")
+        if not (self.block[0] >= 1 and self.block[1] >= 1):
+            raise ValueError(f"block=(rows, cols) must be positive, got block={self.block!r}")
         for name in ("include", "exclude", "dense"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, tuple):

@@ -3,7 +3,9 @@
 Masks are ``dict[str, Tensor]`` of bool tensors keyed by ``named_parameters()`` names
 and shaped like the parameter; dense parameters are simply absent. The initial
 topology of RigL is random with an exact number of active entries per layer
-(Evci et al. 2020, Sec. 3), given by the sparsity distribution.
+(Evci et al. 2020, Sec. 3), given by the sparsity distribution. Structured configs
+(``RigLConfig(structure="n:m" | "block")``) count and draw masks by the rules of
+:mod:`rigl_func.structured`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl_func.distributions import get_distribution, nnz_for
+from rigl_func.structured import structured_nnz
 
 if TYPE_CHECKING:
     from rigl_func.config import RigLConfig
@@ -77,9 +80,14 @@ def sparse_param_names(model_or_params: Union[nn.Module, Params], config: Option
 def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, float]:
     """Per-layer sparsity that ``config``'s distribution assigns to ``shapes``.
 
+    With ``structure="n:m"`` every layer gets ``1 - N/M`` (the distribution does not
+    apply); with ``structure="block"`` these are the distribution's sparsities before
+    :func:`target_nnz` rounds them to whole blocks.
+
     Args:
         shapes: name -> shape of the sparse layers only.
-        config: supplies ``distribution``, ``sparsity`` and ``erk_power_scale``.
+        config: supplies ``distribution``, ``sparsity`` and ``erk_power_scale``
+            (and ``structure``, ``n_m``).
 
     Example:
         >>> from rigl_func import RigLConfig
@@ -88,6 +96,8 @@ def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str
     """
     fn = get_distribution(config.distribution)
     shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+    if config.structure == "n:m":
+        return {k: 1.0 - config.n_m[0] / config.n_m[1] for k in shapes}
     if config.distribution == "erk":
         return fn(shapes, config.sparsity, power_scale=config.erk_power_scale)
     return fn(shapes, config.sparsity)
@@ -96,12 +106,20 @@ def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str
 def target_nnz(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, int]:
     """Exact number of active entries per sparse layer (see :func:`nnz_for`).
 
+    Structured configs: ``numel * N / M`` for N:M; ``nnz_for(n_blocks, s) * rows *
+    cols`` for blocks (:func:`rigl_func.structured.structured_nnz`).
+
+    Raises:
+        ValueError: a layer's shape does not fit the structure (names the layer).
+
     Example:
         >>> from rigl_func import RigLConfig
         >>> target_nnz({"w": (10, 10)}, RigLConfig(t_end=10, delta=5, sparsity=0.9, distribution="uniform"))
         {'w': 10}
     """
     sparsities = target_sparsities(shapes, config)
+    if config.structure != "unstructured":
+        return {k: structured_nnz(k, shapes[k], s, config) for k, s in sparsities.items()}
     return {k: nnz_for(math.prod(shapes[k]), s) for k, s in sparsities.items()}
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from rigl_func.config import RigLConfig
 from rigl_func.masks import init_masks, sparse_param_names, target_nnz, validate_masks
+from rigl_func.structured import check_structured_mask, init_masks_block, init_masks_n_m
 
 __all__ = ["RigLState", "init_state", "check_state", "zeros_accumulator", "zeros_ema"]
 
@@ -71,6 +72,10 @@ def init_state(
 ) -> RigLState:
     """Choose the sparse layers, compute their sparsities and draw random masks.
 
+    With ``config.structure="n:m"`` every group of ``M`` along dim 1 gets ``N`` random
+    active entries; with ``"block"`` whole blocks are drawn
+    (:mod:`rigl_func.structured`).
+
     Exactly one of ``seed`` / ``generator`` / ``masks`` must be given. The state's
     random ``key`` is ``seed`` (or drawn from ``generator``; 0 with ``masks``: use
     ``state._replace(key=...)`` for random criteria). Masks are
@@ -119,8 +124,14 @@ def init_state(
             generator = torch.Generator().manual_seed(seed)
             key = seed
         shapes = {n: tuple(params[n].shape) for n in names}
-        masks = init_masks(shapes, target_nnz(shapes, config), generator=generator,
-                           device={n: params[n].device for n in names})
+        nnz = target_nnz(shapes, config)
+        devices = {n: params[n].device for n in names}
+        if config.structure == "n:m":
+            masks = init_masks_n_m(shapes, config.n_m, generator=generator, device=devices)
+        elif config.structure == "block":
+            masks = init_masks_block(shapes, nnz, config.block, generator=generator, device=devices)
+        else:
+            masks = init_masks(shapes, nnz, generator=generator, device=devices)
         if seed is None:  # the key continues the generator's stream, after the masks
             key = int(torch.randint(0, 2**31 - 1, (), generator=generator))
     else:
@@ -139,7 +150,8 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
     """Validate ``state`` against ``params`` and ``config`` (eager; syncs the device).
 
     Checks the masks' keys, shapes, dtype and devices, that each layer has exactly
-    the number of active entries the config's distribution prescribes, that the
+    the number of active entries the config's distribution prescribes (and, for a
+    structured config, the N:M or block pattern), that the
     counters are 0-d int64 tensors and that the accumulators fit. Use it after
     loading a checkpoint: a state from another model or config fails here.
 
@@ -157,10 +169,15 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
     for name, mask in state.masks.items():
         actual = int(mask.sum())
         if actual != expected[name]:
+            rule = f"distribution={config.distribution!r}, sparsity={config.sparsity}"
+            if config.structure == "n:m":
+                rule = f"structure='n:m', n_m={config.n_m}"
+            elif config.structure == "block":
+                rule = f"structure='block', block={config.block}, {rule}"
             raise ValueError(
-                f"state.masks[{name!r}] has {actual} active entries but the config "
-                f"(distribution={config.distribution!r}, sparsity={config.sparsity}) requires {expected[name]}"
+                f"state.masks[{name!r}] has {actual} active entries but the config ({rule}) requires {expected[name]}"
             )
+        check_structured_mask(name, mask, config)
     want_acc = set(state.masks) if config.grad_accumulation_n > 1 else set()
     if set(state.grad_acc) != want_acc:
         raise ValueError(f"state.grad_acc keys {sorted(state.grad_acc)} do not match the expected {sorted(want_acc)} "

@@ -18,6 +18,11 @@ the layer (so the count still holds). NaN drop scores are dropped first.
 ``floor(alpha * N_target)`` where ``N_target`` is the layer's active count from the
 config's distribution (:func:`rigl_func.target_nnz`); masks with more active entries
 than the config prescribes drop at most that many (``check_state`` catches such masks).
+
+Structured configs (``RigLConfig(structure="n:m" | "block")``) replace steps 1-3 by
+the rules of :mod:`rigl_func.structured` (drop and grow inside every N:M group, or
+whole blocks on the block grid); step 4 is shared. :func:`update_layer` dispatches on
+``structure``; :func:`update_topology` lifts it over the layers in every case.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from rigl_func.masks import target_nnz
 from rigl_func.schedules import drop_fraction, in_accumulation_window
 from rigl_func.selection import drop, grow
 from rigl_func.state import RigLState
+from rigl_func.structured import update_mask_block, update_mask_n_m
 
 __all__ = ["accumulate", "update_topology", "update_layer"]
 
@@ -52,6 +58,9 @@ def update_layer(
     extras: Optional[Mapping[str, Tensor]] = None,
     grow_init: str = "zeros",
     grow_init_scale: float = 1.0,
+    structure: str = "unstructured",
+    n_m: tuple[int, int] = (2, 4),
+    block: tuple[int, int] = (4, 4),
 ) -> tuple[Tensor, Tensor]:
     """RigL update of one layer: the unit that ``update_topology`` maps over layers.
 
@@ -67,10 +76,15 @@ def update_layer(
             needed by random criteria and ``grow_init="normal"``; ``"ema"``; ...).
         grow_init: ``"zeros"``, ``"normal"`` or ``"gradient"`` (see :class:`RigLConfig`).
         grow_init_scale: scale of the non-zero grow inits.
+        structure: ``"unstructured"`` (the steps of the module doc),
+            ``"n:m"`` (:func:`rigl_func.structured.update_mask_n_m`) or ``"block"``
+            (:func:`rigl_func.structured.update_mask_block`).
+        n_m, block: the pattern's parameters, as in :class:`RigLConfig`.
 
     Returns:
-        ``(new_param, new_mask)``: same nnz as ``mask``; new connections initialized
-        by ``grow_init``, inactive entries exactly 0. Pure: inputs are not modified.
+        ``(new_param, new_mask)``: same nnz as ``mask`` (and, structured, the same
+        count per N:M group / whole blocks); new connections initialized by
+        ``grow_init``, inactive entries exactly 0. Pure: inputs are not modified.
 
     Example:
         >>> w = torch.tensor([[0.5, -0.1], [0.0, 0.0]])
@@ -83,16 +97,40 @@ def update_layer(
     extras = {} if extras is None else extras
     drop_scores = call_criterion(resolve_criterion(drop_criterion, "drop_criterion"), param, grad, mask, extras)
     grow_scores = call_criterion(resolve_criterion(grow_criterion, "grow_criterion"), param, grad, mask, extras)
+    if structure == "unstructured":
+        new_mask = _update_mask(drop_scores, grow_scores, mask, fraction, max_n=max_n)
+    elif structure == "n:m":
+        new_mask = update_mask_n_m(drop_scores, grow_scores, mask, fraction, max_n=max_n, n_m=n_m)
+    elif structure == "block":
+        new_mask = update_mask_block(drop_scores, grow_scores, mask, fraction, max_n=max_n, block=block)
+    else:
+        raise ValueError(f"structure must be 'unstructured', 'n:m' or 'block', got structure={structure!r}")
+    return _init_grown(param, grad, mask, new_mask, extras, grow_init, grow_init_scale), new_mask
+
+
+def _update_mask(drop_scores: Tensor, grow_scores: Tensor, mask: Tensor, fraction: Union[float, Tensor], *, max_n: int) -> Tensor:
+    """Steps 1-3 of the module doc (unstructured): the new mask."""
     fraction = torch.as_tensor(fraction, dtype=torch.float64, device=mask.device)
     n = torch.floor(fraction * mask.sum()).to(torch.int64).clamp(min=0, max=max_n)
     growable = (torch.isfinite(grow_scores) & ~mask).sum()
     n = torch.minimum(n, growable)
     kept = drop(drop_scores, mask, n, max_n=max_n)
-    new_mask = grow(grow_scores, kept, n, max_n=max_n)
+    return grow(grow_scores, kept, n, max_n=max_n)
+
+
+def _init_grown(
+    param: Tensor, grad: Tensor, mask: Tensor, new_mask: Tensor, extras: Mapping[str, Tensor],
+    grow_init: str, grow_init_scale: float,
+) -> Tensor:
+    """Step 4 of the module doc, shared by every structure: the new param.
+
+    Entries kept (active in ``mask`` and ``new_mask``) keep their value, inactive ones
+    are 0, genuinely new ones (``new_mask & ~mask``) get ``grow_init``.
+    """
     zero = torch.zeros((), dtype=param.dtype, device=param.device)
     new_param = torch.where(new_mask & mask, param, zero)
     if grow_init == "zeros":
-        return new_param, new_mask
+        return new_param
     fresh = new_mask & ~mask
     if grow_init == "normal":
         active = mask.to(param.dtype)
@@ -104,7 +142,7 @@ def update_layer(
         init = -grad
     else:
         raise ValueError(f"grow_init must be 'zeros', 'normal' or 'gradient', got grow_init={grow_init!r}")
-    return torch.where(fresh, grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), new_param), new_mask
+    return torch.where(fresh, grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), new_param)
 
 
 @torch.compiler.assume_constant_result
@@ -196,6 +234,7 @@ def update_topology(
             params[name], growth[name], mask, fraction, max_n=max_n[name],
             drop_criterion=config.drop_criterion, grow_criterion=config.grow_criterion,
             extras=extras, grow_init=config.grow_init, grow_init_scale=config.grow_init_scale,
+            structure=config.structure, n_m=config.n_m, block=config.block,
         )
     new_acc = {k: torch.zeros_like(v) for k, v in state.grad_acc.items()}
     return new_params, state._replace(masks=new_masks, num_updates=state.num_updates + 1, grad_acc=new_acc)
