@@ -3,11 +3,12 @@
 RigL (Evci et al. 2020, Sec. 3) drops the ``n`` active connections with the smallest
 drop score and grows the ``n`` inactive connections with the largest grow score.
 
-Selection is exact and deterministic. Each entry gets a unique ``int64`` sort key
-``(order(score), -flat_index)`` where ``order`` is a monotone map of the float32
-score onto int32; one ``torch.topk`` over the keys then selects exactly ``n``
-entries, and equal scores are resolved by position: **the entry with the lower flat
-index wins** (is grown first, is dropped first). Scores are compared in float32.
+Selection is exact and deterministic: **the entry with the lower flat index wins**
+among equal scores (is grown first, is dropped first); ``-0.0`` and ``+0.0`` tie.
+Scores are compared in float32. One sorted ``torch.topk`` of static size gives the
+cut-off score (the ``n``-th largest); every entry above it is selected, and among the
+entries equal to it the first ones in flat order (a cumulative sum), so no sort keys
+are built and nothing depends on how ``topk`` orders ties.
 
 Non-finite scores:
 
@@ -67,6 +68,33 @@ def _order_keys(values: Tensor) -> Tensor:
     return ordered.to(torch.int64) * (2**32) + rev_index
 
 
+def _take_top(values: Tensor, eligible: Optional[Tensor], count: Tensor, k: int, *, nan: bool = True) -> Tensor:
+    """The ``count`` eligible entries with the largest ``values``, ties to the lower index.
+
+    Args:
+        values: float32, flat; ineligible entries already ``-inf``; NaN ranks above ``+inf``.
+        eligible: bool, flat (only read when ``nan``).
+        count: 0-d int64, ``0 <= count <= min(k, eligible.sum())``.
+        k: static ``topk`` size, ``>= 1``.
+        nan: ``False`` if every eligible value is finite (then ``values == cut`` can
+            only hold at eligible entries once ``count >= 1``).
+
+    Returns:
+        bool, flat, exactly ``count`` entries ``True``.
+    """
+    top = torch.topk(values, k, sorted=True).values  # topk ranks NaN above +inf
+    cut = top.gather(0, (count - 1).clamp(min=0).reshape(1))  # the count-th largest, shape (1,)
+    if nan:
+        values_nan, cut_nan = torch.isnan(values), torch.isnan(cut)
+        above = (values > cut) | (values_nan & ~cut_nan)
+        at = ((values == cut) | (values_nan & cut_nan)) & eligible
+    else:
+        above = values > cut
+        at = values == cut
+    need = count - torch.count_nonzero(above)  # 0 when count == 0: nothing is above the maximum
+    return above | (at & (torch.cumsum(at, 0, dtype=torch.int32) <= need))
+
+
 def select_top(keys_source: Tensor, eligible: Tensor, n: Count, max_n: Optional[int] = None) -> Tensor:
     """Exactly ``min(n, eligible.sum())`` eligible entries with the largest values.
 
@@ -95,13 +123,12 @@ def select_top(keys_source: Tensor, eligible: Tensor, n: Count, max_n: Optional[
         k = numel if max_n is None else min(max_n, numel)
     else:
         k = min(n, numel)
-    keys = _order_keys(flat)
-    keys = torch.where(eligible.reshape(-1), keys, torch.iinfo(torch.int64).min)
-    top_keys, top_idx = torch.topk(keys, k, sorted=True)
-    count = torch.minimum(torch.as_tensor(n, device=flat.device), eligible.sum())
-    take = (torch.arange(k, device=flat.device) < count) & (top_keys != torch.iinfo(torch.int64).min)
-    chosen = torch.zeros(numel, dtype=torch.bool, device=flat.device).scatter(0, top_idx, take)
-    return chosen.reshape(shape)
+    if k == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=flat.device)
+    eligible = eligible.reshape(-1)
+    count = torch.minimum(torch.as_tensor(n, device=flat.device), torch.count_nonzero(eligible)).clamp(max=k)
+    values = torch.where(eligible, flat, float("-inf"))
+    return _take_top(values, eligible, count, k).reshape(shape)
 
 
 def drop(scores: Tensor, mask: Tensor, n: Count, *, max_n: Optional[int] = None) -> Tensor:
@@ -130,8 +157,7 @@ def drop(scores: Tensor, mask: Tensor, n: Count, *, max_n: Optional[int] = None)
     _check(scores, mask, n, max_n)
     # Select the largest of -scores: NaN ranks above +inf (dropped strictly first), then
     # -inf; +-inf stay distinct from +-float32 max.
-    neg = -scores.float()
-    return mask & ~select_top(neg, mask, n, max_n)
+    return mask ^ select_top(-scores.float(), mask, n, max_n)
 
 
 def grow(scores: Tensor, mask: Tensor, n: Count, *, max_n: Optional[int] = None) -> Tensor:
@@ -159,6 +185,4 @@ def grow(scores: Tensor, mask: Tensor, n: Count, *, max_n: Optional[int] = None)
         [[True, True], [True, False]]
     """
     _check(scores, mask, n, max_n)
-    finite = torch.isfinite(scores)
-    safe = torch.where(finite, scores.float(), torch.zeros((), dtype=torch.float32, device=scores.device))
-    return mask | select_top(safe, finite & ~mask, n, max_n)
+    return mask | select_top(scores, torch.isfinite(scores) & ~mask, n, max_n)

@@ -39,7 +39,7 @@ from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, layer_id, normal
 from rigl_func.masks import target_nnz
 from rigl_func.schedules import drop_fraction, in_accumulation_window
-from rigl_func.selection import drop, grow
+from rigl_func.selection import _check, _take_top
 from rigl_func.state import RigLState
 from rigl_func.structured import update_mask_block, update_mask_n_m
 
@@ -110,12 +110,30 @@ def update_layer(
 
 def _update_mask(drop_scores: Tensor, grow_scores: Tensor, mask: Tensor, fraction: Union[float, Tensor], *, max_n: int) -> Tensor:
     """Steps 1-3 of the module doc (unstructured): the new mask."""
+    _check(drop_scores, mask, 0, max_n)
+    _check(grow_scores, mask, 0, max_n)
+    k = min(max_n, mask.numel())
+    if k == 0:
+        return mask
+    # Same result as drop() then grow() with n = min(floor(f * nnz), max_n, growable), with
+    # the eligibility masks and counts computed once and shared by both steps; each step is
+    # one float32 topk for its cut-off plus a cumsum for ties (selection._take_top).
+    m = mask.reshape(-1)
+    finite = torch.isfinite(grow_scores).reshape(-1)
+    growable = finite & ~m
+    nnz = torch.count_nonzero(m)
     fraction = torch.as_tensor(fraction, dtype=torch.float64, device=mask.device)
-    n = torch.floor(fraction * mask.sum()).to(torch.int64).clamp(min=0, max=max_n)
-    growable = (torch.isfinite(grow_scores) & ~mask).sum()
-    n = torch.minimum(n, growable)
-    kept = drop(drop_scores, mask, n, max_n=max_n)
-    return grow(grow_scores, kept, n, max_n=max_n)
+    n = torch.floor(fraction * nnz).to(torch.int64).clamp(min=0, max=k)
+    n = torch.minimum(n, torch.count_nonzero(growable))
+    # Drop: the n largest of -score among active entries (NaN scores first, then -inf).
+    dropped = _take_top(torch.where(m, -drop_scores.reshape(-1).float(), float("-inf")), m, torch.minimum(n, nnz), k)
+    # Grow: the n largest finite scores among entries not kept (just-dropped ones included);
+    # at least n are eligible, since `growable` has at least n.
+    can_grow = growable | (finite & dropped)
+    grow_values = torch.where(can_grow, grow_scores.reshape(-1).float(), float("-inf"))
+    # float32 scores are finite where eligible; float64 ones may round to +-inf in float32.
+    grown = _take_top(grow_values, can_grow, n, k, nan=grow_scores.dtype == torch.float64)
+    return ((m ^ dropped) | grown).reshape(mask.shape)
 
 
 def _init_grown(
