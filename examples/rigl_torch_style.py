@@ -10,7 +10,7 @@ loop. The data set is generated in code: 10 classes of noisy, randomly shifted 1
     python examples/rigl_torch_style.py --checkpoint ckpt.pth   # saves every 50 steps; rerun to resume
 
 Coming from rigl-torch? Replace ``from rigl_torch.RigL import RigLScheduler`` with
-``from rigl_func import RigLScheduler``; see docs/coming_from_rigl_torch.md.
+``from rigl_func import RigLScheduler``; see the README section "Coming from rigl-torch".
 """
 
 from __future__ import annotations

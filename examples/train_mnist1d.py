@@ -132,6 +132,7 @@ def train_one(method: str, sparsity: float, seed: int, data: dict, args, progres
         progress.update(1)
 
     densities = {k: m.float().mean().item() for k, m in masks.items()}
+    model.eval()  # BatchNorm with a single example
     flops = forward_flops(model, x_test[:1])
     f_dense = flops["total"]
     f_sparse = sparse_forward_flops(flops, densities)
