@@ -50,7 +50,11 @@ HYPERPARAMS = {
     "alpha": 0.3,
     "static_topo": False,
     "grad_accumulation_n": 1,
+    "grow": "gradient",  # ours (keyword-only): "gradient" = RigL, "random" = SET, "ema" = SNFS
 }
+
+#: ``grow=`` value -> core method.
+GROW_METHODS = {"gradient": "rigl", "random": "set", "ema": "snfs"}
 
 #: Marks a checkpoint written by :meth:`RigLScheduler.state_dict`.
 FORMAT = "rigl_func.RigLScheduler/1"
@@ -80,6 +84,8 @@ def check_hyperparams(hp: Mapping) -> dict:
         ValueError: an argument is out of range.
     """
     hp = dict(hp)
+    if hp["grow"] not in GROW_METHODS:
+        raise ValueError(f"grow must be one of {sorted(GROW_METHODS)}, got grow={hp['grow']!r}")
     d = hp["dense_allocation"]
     if not _is_real(d):
         raise TypeError(f"dense_allocation must be a float in (0, 1], got dense_allocation={d!r}")
@@ -164,7 +170,7 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
             cfg = RigLConfig(
                 t_end=hp["T_end"], sparsity=1.0 - float(hp["dense_allocation"]), distribution=distribution,
                 delta=hp["delta"], alpha=float(hp["alpha"]), grad_accumulation_n=hp["grad_accumulation_n"],
-                dense=tuple(dense),
+                dense=tuple(dense), method=GROW_METHODS[hp["grow"]],
             )
         except (TypeError, ValueError) as err:
             raise type(err)(_rename(str(err))) from err
@@ -214,8 +220,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def needs_dense_grads(step: int, config: RigLConfig) -> bool:
     """Whether the iteration that :func:`rigl_func.accumulate` will count as ``step``
-    feeds a topology update. Python ints: no device sync."""
-    return bool(in_accumulation_window(step, config))
+    feeds a topology update (always with SNFS, whose gradient EMA sees every
+    iteration). Python ints: no device sync."""
+    return config.ema_momentum > 0 or bool(in_accumulation_window(step, config))
 
 
 @torch.no_grad()
@@ -280,7 +287,7 @@ def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfi
         step=torch.tensor(int(step), dtype=torch.int64, device=step_device),
         num_updates=torch.tensor(int(rigl_steps), dtype=torch.int64, device=step_device),
         grad_acc={n: t.to(params[n].device) for n, t in grad_acc.items()},
-        ema={},  # the shell runs RigL or static topology: no gradient EMA
+        ema={n: t.to(params[n].device) for n, t in sd.get("ema", {}).items()},
         key=torch.tensor(int(sd.get("key", 0)), dtype=torch.int64, device=step_device),
     )
     return state, int(step), int(rigl_steps)

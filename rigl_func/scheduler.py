@@ -103,8 +103,11 @@ class RigLScheduler:
             averaged for growth, in [1, delta).
         state_dict: a :meth:`state_dict` to resume from. Arguments left at their
             defaults are taken from it (as rigl-torch does); explicit ones must agree.
-        seed: keyword-only; seed of the random initial masks (same seed -> same masks
-            on every process; under ``torch.distributed`` rank 0's are broadcast).
+        seed: keyword-only; seed of the random initial masks and of SET's random
+            growth (same seed -> same masks on every process; under
+            ``torch.distributed`` rank 0's are broadcast).
+        grow: keyword-only; the grow criterion: ``"gradient"`` (RigL, default),
+            ``"random"`` (SET) or ``"ema"`` (SNFS: EMA of dense gradients, momentum 0.9).
 
     Attributes:
         W: the sparsifiable weights (list of ``nn.Parameter``), model order.
@@ -139,7 +142,7 @@ class RigLScheduler:
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
-                 state_dict=None, *, seed: int = 0):
+                 state_dict=None, *, seed: int = 0, grow: str = "gradient"):
         module = U.unwrap_model(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got optimizer={type(optimizer).__name__}")
@@ -147,7 +150,7 @@ class RigLScheduler:
             raise TypeError(f"seed must be an int, got seed={seed!r}")
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta=delta, alpha=alpha, static_topo=static_topo,
-                  grad_accumulation_n=grad_accumulation_n)
+                  grad_accumulation_n=grad_accumulation_n, grow=grow)
         if state_dict is not None:
             self._check_format(state_dict)
             hp = U.resolve_hyperparams(hp, state_dict["hyperparams"])
@@ -329,6 +332,7 @@ class RigLScheduler:
             "S": list(self.S),
             "masks": dict(self._state.masks),
             "grad_acc": dict(self._state.grad_acc),
+            "ema": dict(self._state.ema),
             "key": int(self._state.key),
             "step": self._step,
             "rigl_steps": self._rigl_steps,

@@ -22,13 +22,14 @@ change). Each method is tested on its defining property:
 
 The compile backend defaults to inductor (as in ``test_composition.py``); set
 ``RIGL_FUNC_TEST_COMPILE_BACKEND=aot_eager`` for a quicker run that still checks
-full-graph capture and recompilation. Inductor's first (cold-cache) compile of the
-random criteria is slow on a 2-core CPU (minutes: the counter-based hash is long
-integer code); later runs hit the cache.
+full-graph capture and recompilation. Inductor's inlining is capped while compiling
+(``realize_opcount_threshold``, see ``_inductor_options``): without it the first
+(cold-cache) compile of the random criteria takes minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -528,6 +529,18 @@ def test_vmap_equals_loop(name, device):
     assert not torch.equal(looped[0][1].masks["a"], looped[1][1].masks["a"])
 
 
+def _inductor_options():
+    """Cap inductor's inlining of pointwise chains: the counter-based hash
+    (:mod:`rigl_func.random`) reuses every intermediate twice, and without a cap
+    inductor's CPU code generation re-traces it exponentially (a SET +
+    ``grow_init="normal"`` update took ~5 min to compile cold on 2 cores; ~20 s with it).
+    Code generation only: results are the same."""
+    try:
+        return torch._inductor.config.patch(realize_opcount_threshold=8)
+    except (AttributeError, RuntimeError):  # an older torch without the knob
+        return contextlib.nullcontext()
+
+
 def _compile_run(cfg, device, steps=12):
     """Eager and compiled update_topology side by side over the update steps."""
     torch._dynamo.reset()
@@ -546,7 +559,8 @@ def _compile_run(cfg, device, steps=12):
         if not is_update_step(step, cfg):
             continue
         eager = update_topology(params, grads, state, cfg, {"momentum": momentum})
-        comp = compiled(params, grads, state, cfg, {"momentum": momentum})
+        with _inductor_options():
+            comp = compiled(params, grads, state, cfg, {"momentum": momentum})
         pairs.append((eager, comp))
         params, state = eager
         assert backend.calls == 1, f"recompiled at step {step}"

@@ -476,7 +476,7 @@ def test_state_dict_contents():
     assert sorted(sd["masks"]) == ["2.weight", "4.weight"] and sorted(sd["grad_acc"]) == ["2.weight", "4.weight"]
     assert sd["hyperparams"] == dict(dense_allocation=0.2, T_end=30, sparsity_distribution="uniform",
                                      ignore_linear_layers=False, delta=5, alpha=0.3, static_topo=False,
-                                     grad_accumulation_n=2)
+                                     grad_accumulation_n=2, grow="gradient")
     assert torch.any(sd["grad_acc"]["2.weight"] != 0)  # inside the window of step 5
 
 
