@@ -11,6 +11,7 @@ from __future__ import annotations
 from rigl_func.config import RigLConfig
 from rigl_func.criteria import CRITERIA, gradient, magnitude, resolve_criterion
 from rigl_func.distributions import erdos_renyi, erk, get_distribution, nnz_for, uniform
+from rigl_func.diagnostics import density, itop_rate, summary, turnover, update_ever_active
 from rigl_func.masks import (
     apply_masks,
     init_masks,
@@ -19,6 +20,7 @@ from rigl_func.masks import (
     target_sparsities,
     validate_masks,
 )
+from rigl_func.flops import forward_flops, relative_flops
 from rigl_func.optim import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
 from rigl_func.pruning import (
     PruningConfig,
@@ -97,4 +99,11 @@ __all__ = [
     "snip_init",
     "snip_masks",
     "snip_scores",
+    "density",
+    "forward_flops",
+    "itop_rate",
+    "relative_flops",
+    "summary",
+    "turnover",
+    "update_ever_active",
 ]

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.backends.registry import lookup_backend
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -285,6 +287,41 @@ def test_set_growth_is_uniform_over_candidates():
     assert float(counts.min()) >= 100, counts
     just_dropped = (state.masks["w"] & ~kept)[~kept]
     assert float(counts[just_dropped].mean()) > 100  # just-dropped positions are regrown too
+
+
+@settings(max_examples=40)
+@given(st.data())
+def test_set_and_snfs_update_properties(data):
+    """Random layers: nnz conserved, the (nnz - n) largest |w| kept, grown entries were
+    not kept (inactive or just dropped), new ones at 0, inactive exactly 0, inputs
+    untouched; n = min(floor(f * nnz), inactive count)."""
+    rows, cols = data.draw(st.integers(1, 6)), data.draw(st.integers(2, 8))
+    numel = rows * cols
+    nnz = data.draw(st.integers(1, numel - 1))
+    fraction = data.draw(st.floats(0.0, 1.0))
+    criterion = data.draw(st.sampled_from(["random", "ema"]))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=gen)[:nnz]] = True
+    mask = mask.reshape(rows, cols)
+    w = torch.randn(rows, cols, generator=gen) * mask
+    g, ema = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
+    inputs = [t.clone() for t in (w, g, mask, ema)]
+    p, new = update_layer(w, g, mask, fraction, max_n=nnz, grow_criterion=criterion,
+                          extras={"key": torch.tensor(seed), "ema": ema})
+    for before, after in zip(inputs, (w, g, mask, ema)):
+        assert torch.equal(before, after)
+    n = min(math.floor(fraction * nnz), numel - nnz)
+    kept = drop(w.abs(), mask, n)
+    assert int(new.sum()) == nnz
+    assert bool((kept & ~new).sum() == 0)                      # the largest |w| stay
+    grown = new & ~kept
+    assert int(grown.sum()) == n                               # n grown among the not-kept
+    assert torch.equal(p[new & mask], w[new & mask])           # kept (or regrown) keep their value
+    assert not p[~new].any() and not p[new & ~mask].any()      # inactive and new: exactly 0
+    if criterion == "ema":                                     # SNFS: the n largest |EMA| not kept
+        assert torch.equal(new, grow(ema.abs(), kept, n))
 
 
 # ---------------------------------------------------------------------------------
