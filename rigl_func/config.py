@@ -61,7 +61,8 @@ class RigLConfig:
         delta: ΔT, steps between topology updates, > 0.
         alpha: initial drop fraction α in [0, 1].
         schedule: drop-fraction schedule ``"cosine"`` (paper default),
-            ``"constant"`` or ``"linear"``; see :mod:`rigl_func.schedules`.
+            ``"constant"``, ``"linear"`` or ``"inverse_power"``
+            (``alpha * (1 - p) ** schedule_power``); see :mod:`rigl_func.schedules`.
         t_start: first step at which updates may happen (default 0).
         method: ``"rigl"`` (default), ``"set"`` (random growth), ``"snfs"`` (growth by
             the EMA of dense gradients) or ``"static"`` (no updates).
