@@ -102,7 +102,7 @@ def snip_masks(
     Raises:
         TypeError/ValueError: a sparse layer is missing from ``params``/``grads``,
             has another shape, or is not floating point.
-        NotImplementedError: a structured config (``structure != "unstructured"``).
+        ValueError: a structured config (``structure != "unstructured"``).
 
     Example:
         >>> w = {"w": torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.1, -1.0]])}
@@ -115,8 +115,8 @@ def snip_masks(
         raise TypeError(f"config must be a RigLConfig, got config={config!r}")
     structure = getattr(config, "structure", "unstructured")
     if structure != "unstructured":
-        raise NotImplementedError(f"SNIP masks are unstructured; got structure={structure!r} "
-                                  "(N:M / block SNIP is not implemented)")
+        raise ValueError(f"SNIP masks are unstructured; got structure={structure!r} "
+                         "(SNIP for N:M or block patterns is not supported: use structure=\"unstructured\")")
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict[str, Tensor], got params={type(params).__name__}")
     names = sparse_param_names(params, config) if names is None else list(names)
