@@ -14,13 +14,13 @@ through the pure core functions.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from rigl_func.config import _is_int, _is_real
 from rigl_func.config import RigLConfig
 from rigl_func.distributions import DISTRIBUTIONS
 from rigl_func.schedules import in_accumulation_window
@@ -59,13 +59,6 @@ GROW_METHODS = {"gradient": "rigl", "random": "set", "ema": "snfs"}
 #: Marks a checkpoint written by :meth:`RigLScheduler.state_dict`.
 FORMAT = "rigl_func.RigLScheduler/1"
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_hyperparams(hp: Mapping) -> dict:

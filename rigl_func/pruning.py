@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from rigl_func.config import _is_int, _is_real
 from rigl_func.distributions import get_distribution, nnz_for
 from rigl_func.masks import sparse_param_names, validate_masks
 from rigl_func.selection import drop
@@ -67,13 +67,6 @@ __all__ = [
 
 Step = Union[int, Tensor]
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

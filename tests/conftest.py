@@ -40,3 +40,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rigl_func"))
 def device(request) -> torch.device:
     """A device to create tensors on: ``cpu``, plus ``cuda`` when available."""
     return torch.device(request.param)
+
+
+class CountingBackend:
+    """A torch.compile backend that counts graph compilations around a named inner
+    backend. Every (re)compilation calls it once; works on torch 2.4 and later."""
+
+    def __init__(self, name: str):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.inner = lookup_backend(name)
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.calls += 1
+        return self.inner(gm, example_inputs)

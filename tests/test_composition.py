@@ -190,19 +190,7 @@ def test_vmap_accumulate_equals_loop(device):
 # ---------------------------------------------------------------------------------
 # 3. torch.compile
 
-class CountingBackend:
-    """A torch.compile backend that counts graph compilations and delegates to a real
-    backend. Every (re)compilation calls it once; works on torch 2.4 and later."""
-
-    def __init__(self, name: str):
-        from torch._dynamo.backends.registry import lookup_backend
-
-        self.inner = lookup_backend(name)
-        self.calls = 0
-
-    def __call__(self, gm, example_inputs):
-        self.calls += 1
-        return self.inner(gm, example_inputs)
+from conftest import CountingBackend  # noqa: E402  (shared test helper)
 
 
 def _compile_setup(device, k):

@@ -41,7 +41,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch._dynamo.backends.registry import lookup_backend
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -126,16 +125,7 @@ def _assert_same(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
 
 
-class CountingBackend:
-    """Wraps a compile backend and counts how often it is invoked (= compilations)."""
-
-    def __init__(self, name):
-        self.inner = lookup_backend(name)
-        self.calls = 0
-
-    def __call__(self, gm, example_inputs):
-        self.calls += 1
-        return self.inner(gm, example_inputs)
+from conftest import CountingBackend  # noqa: E402  (shared test helper)
 
 
 # ---------------------------------------------------------------------------------

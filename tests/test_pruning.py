@@ -247,18 +247,7 @@ def test_properties(seed, final, frac_initial, t0, span, frequency, distribution
 # ---------------------------------------------------------------------------------
 # torch.compile and vmap.
 
-class CountingBackend:
-    """A torch.compile backend that counts graph compilations (as in test_composition)."""
-
-    def __init__(self, name: str):
-        from torch._dynamo.backends.registry import lookup_backend
-
-        self.inner = lookup_backend(name)
-        self.calls = 0
-
-    def __call__(self, gm, example_inputs):
-        self.calls += 1
-        return self.inner(gm, example_inputs)
+from conftest import CountingBackend  # noqa: E402  (shared test helper)
 
 
 def test_compile_equals_eager_without_recompiles(device):

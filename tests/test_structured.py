@@ -731,18 +731,7 @@ def test_vmap_equals_loop(kw, device):
         assert any(not torch.equal(ref_state.masks[k], states[i].masks[k]) for k in ref_state.masks)
 
 
-class CountingBackend:
-    """Counts graph compilations and delegates to a real backend."""
-
-    def __init__(self, name: str):
-        from torch._dynamo.backends.registry import lookup_backend
-
-        self.inner = lookup_backend(name)
-        self.calls = 0
-
-    def __call__(self, gm, example_inputs):
-        self.calls += 1
-        return self.inner(gm, example_inputs)
+from conftest import CountingBackend  # noqa: E402  (shared test helper)
 
 
 @pytest.mark.parametrize("kw", STRUCTURED)
