@@ -8,6 +8,7 @@ users.
 
 from __future__ import annotations
 
+from rigl_func.checkpoint import load_checkpoint, save_checkpoint
 from rigl_func.config import RigLConfig
 from rigl_func.criteria import CRITERIA, gradient, magnitude, resolve_criterion
 from rigl_func.distributions import erdos_renyi, erk, get_distribution, nnz_for, uniform
@@ -73,12 +74,14 @@ __all__ = [
     "in_accumulation_window",
     "is_update_step",
     "linear_schedule",
+    "load_checkpoint",
     "magnitude",
     "mask_torch_optimizer_state_",
     "nnz_for",
     "reset_optimizer_state",
     "reset_torch_optimizer_state_",
     "resolve_criterion",
+    "save_checkpoint",
     "sparse_param_names",
     "target_nnz",
     "target_sparsities",
