@@ -21,6 +21,7 @@ tensor (returns 0-d tensors, no host sync), so they run inside ``torch.compile``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -135,6 +136,16 @@ def drop_fraction(step: Step, config: RigLConfig):
     return SCHEDULES[config.schedule](step, config.alpha, config.t_end, config.t_start)
 
 
+def _check_step(step: Step) -> None:
+    """Steps are counts: a Python int or an integer tensor (a float step would make
+    ``% delta`` compare rounded values; a bool is a mistake)."""
+    if isinstance(step, torch.Tensor):
+        if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+            raise TypeError(f"step must be an int or an integer tensor, got a tensor of dtype {step.dtype}")
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int or an integer tensor, got step={step!r}")
+
+
 def is_update_step(step: Step, config: RigLConfig):
     """Whether a topology update happens at ``step``.
 
@@ -150,12 +161,16 @@ def is_update_step(step: Step, config: RigLConfig):
     Returns:
         bool, or 0-d bool tensor if ``step`` is a tensor.
 
+    Raises:
+        TypeError: ``step`` is a float, a bool or a float/bool tensor.
+
     Example:
         >>> from rigl_func import RigLConfig
         >>> cfg = RigLConfig(t_end=300, delta=100)
         >>> [s for s in range(0, 401, 50) if is_update_step(s, cfg)]
         [100, 200]
     """
+    _check_step(step)
     if config.method == "static":
         return torch.zeros((), dtype=torch.bool, device=step.device) if isinstance(step, torch.Tensor) else False
     on_grid = (step - config.t_start) % config.delta == 0

@@ -94,8 +94,9 @@ def init_state(
         A fresh :class:`RigLState` with ``step == 0`` and ``num_updates == 0``.
 
     Raises:
-        TypeError/ValueError: missing/duplicate randomness source, masks that do not
-            fit the params or the config.
+        TypeError/ValueError: missing/duplicate randomness source, a ``seed`` outside
+            int64, masks that do not fit the params or the config, a sparse layer with
+            no entries (keep it dense), ``config.dense`` naming a missing parameter.
 
     Example:
         >>> from rigl_func import RigLConfig
@@ -115,12 +116,22 @@ def init_state(
         params = dict(model_or_params.named_parameters())
     else:
         params = dict(model_or_params)
+    unknown = [n for n in config.dense if n not in params]
+    if unknown:
+        raise ValueError(f"config.dense names parameters that do not exist: {unknown} "
+                         f"(parameters: {list(params)[:8]}...), got dense={config.dense!r}")
     names = sparse_param_names(model_or_params, config)
+    for name in names:
+        if params[name].numel() == 0:
+            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)} and no entries: an empty "
+                             f"layer cannot be sparse; keep it dense, e.g. RigLConfig(dense=({name!r},))")
     key = 0
     if masks is None:
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int, got seed={seed!r}")
+            if not -2**63 <= seed < 2**63:
+                raise ValueError(f"seed must fit in int64, i.e. be in [-2**63, 2**63), got seed={seed!r}")
             generator = torch.Generator().manual_seed(seed)
             key = seed
         shapes = {n: tuple(params[n].shape) for n in names}
