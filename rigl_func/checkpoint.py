@@ -15,6 +15,10 @@ Example:
     3
     >>> sorted(os.listdir(d))  # no temporary file left behind
     ['ckpt.pt']
+
+A process killed (SIGKILL, preemption) in the middle of a save leaves its temporary
+file, named ``<name>.<random>.tmp`` next to the target; the target itself is intact.
+:func:`remove_stale_temp_files` deletes such leftovers when no save is running.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temp_files"]
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:
@@ -79,3 +83,32 @@ def load_checkpoint(path: PathLike, map_location: Any = None, *, weights_only: b
     if not os.path.isfile(path):
         raise ValueError(f"load_checkpoint: path={path!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
+def remove_stale_temp_files(path: PathLike) -> list[str]:
+    """Delete the temporary files that killed :func:`save_checkpoint` calls for
+    ``path`` left behind (``<name>.<random>.tmp`` in its directory).
+
+    Call it only when no process is saving to ``path`` (e.g. at start-up, before
+    training resumes): a running save's temporary file matches the same pattern.
+    The target itself and other files are never touched.
+
+    Args:
+        path: the checkpoint file whose leftovers to remove.
+
+    Returns:
+        The removed paths, sorted.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = os.path.basename(path) + "."
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for entry in sorted(os.listdir(directory)):
+        if entry.startswith(prefix) and entry.endswith(".tmp") and len(entry) > len(prefix) + len(".tmp"):
+            full = os.path.join(directory, entry)
+            if os.path.isfile(full):
+                os.unlink(full)
+                removed.append(full)
+    return removed
