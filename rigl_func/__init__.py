@@ -8,7 +8,8 @@ users.
 
 from __future__ import annotations
 
-from rigl_func.checkpoint import load_checkpoint, save_checkpoint
+from rigl_func import checkpoint, distributed
+from rigl_func.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from rigl_func.config import RigLConfig
 from rigl_func.criteria import CRITERIA, gradient, magnitude, resolve_criterion
 from rigl_func.distributions import erdos_renyi, erk, get_distribution, nnz_for, uniform
@@ -57,6 +58,8 @@ __all__ = [
     "RigLScheduler",
     "RigLState",
     "CRITERIA",
+    "checkpoint",
+    "distributed",
     "accumulate",
     "apply_masks",
     "check_state",
@@ -80,6 +83,7 @@ __all__ = [
     "nnz_for",
     "reset_optimizer_state",
     "reset_torch_optimizer_state_",
+    "remove_stale_temp_files",
     "resolve_criterion",
     "save_checkpoint",
     "sparse_param_names",
