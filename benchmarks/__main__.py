@@ -1,8 +1,14 @@
 """Command line of the rigl_func benchmarks.
 
-    python -m benchmarks                 # full run, writes benchmarks/RESULTS.md
+    python -m benchmarks --threads 1 --write-results   # full run, rewrites benchmarks/RESULTS.md (+ plots)
+    python -m benchmarks                 # full run, report to a temp file (RESULTS.md untouched)
     python -m benchmarks --smoke         # seconds; CI; writes a temp file, never RESULTS.md
-    python -m benchmarks --only topology --device cuda --repeats 5
+    python -m benchmarks --only topology train_step --device cuda --repeats 5
+
+Benchmarks (``--only``): topology (update_topology vs a topk floor), rigl_torch (one
+update step vs rigl-torch 0.5.2), train_step (training-step overhead vs dense), vmap
+(vmapped ensembles vs a loop), memory (bytes per sparse weight). rigl-torch and
+torchvision are optional: without them the affected rows say ``skipped: <reason>``.
 
 Timings are never asserted on: a slow or busy machine gives slow numbers, not a
 failure.
@@ -20,14 +26,21 @@ from types import ModuleType
 
 import torch
 
-from benchmarks import common, topology
+import importlib
+
+from benchmarks import common
 
 __all__ = ["BENCHMARKS", "main"]
 
 #: Registered benchmarks, in the order they run and appear in RESULTS.md.
-BENCHMARKS: dict[str, ModuleType] = {
-    topology.NAME: topology,
-}
+_MODULES = ("topology", "rigl_torch_step", "train_step", "vmap_ensembles", "memory")
+
+
+def _load(module: str) -> ModuleType:
+    return importlib.import_module(f"benchmarks.{module}")
+
+
+BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in map(_load, _MODULES)}
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -39,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiny sizes and few repeats: exercises every code path in seconds (CI)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
+    p.add_argument("--write-results", action="store_true",
+                   help=f"write the report to {RESULTS.name} next to this file (full runs only)")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown report (default: {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}; "
-                        "with --smoke a temporary file)")
+                   help="markdown report (default: a temporary file; with --write-results benchmarks/RESULTS.md)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default: 3, smoke: 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default: 1)")
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None, help="run only these benchmarks")
@@ -56,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="use the persistent inductor cache (warm compiles); default: a fresh cache per run")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler tables")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="wall (default) or process: CPU time of this process (CPU only; with --threads 1 it "
+                        "ignores time spent waiting for a core on a busy machine)")
     return p
 
 
@@ -64,15 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         _parser().error("--device cuda but torch.cuda.is_available() is False")
-    if args.smoke:
-        out = args.out or Path(tempfile.gettempdir()) / "rigl_func_benchmarks_smoke.md"
-        if out.resolve() == RESULTS:
-            _parser().error(f"--smoke never writes {RESULTS}; pass another --out")
+    if args.write_results and (args.smoke or args.out is not None or args.only):
+        _parser().error("--write-results writes benchmarks/RESULTS.md from a full run of every benchmark: "
+                        "drop --smoke / --out / --only")
+    if args.write_results:
+        out = RESULTS
     else:
-        out = args.out or RESULTS
+        out = args.out or Path(tempfile.gettempdir()) / (
+            "rigl_func_benchmarks_smoke.md" if args.smoke else "rigl_func_benchmarks.md")
+        if args.smoke and out.resolve() == RESULTS:
+            _parser().error(f"--smoke never writes {RESULTS}; pass another --out")
     repeats = args.repeats if args.repeats is not None else (2 if args.smoke else 3)
     if repeats < 1 or args.warmup < 0:
         _parser().error(f"--repeats must be >= 1 and --warmup >= 0, got {repeats=}, warmup={args.warmup}")
+    if args.clock == "process" and args.device != "cpu":
+        _parser().error("--clock process measures CPU time: use it with --device cpu")
+    common.clock[0] = args.clock
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cache = None
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
         os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache.name, "triton"))
 
+    if args.device == "cpu" and not torch.cuda.is_available():
+        print("note: CUDA is not available; all numbers are CPU numbers", flush=True)
     ctx = common.Context(
         device=torch.device(args.device),
         smoke=args.smoke,
@@ -91,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
     )
     info = common.machine_info(ctx.device)
+    info["clock"] = ("wall time (time.perf_counter)" if args.clock == "wall" else
+                     "process CPU time (time.process_time, all threads summed)")
     command = "python -m benchmarks" + ("" if not argv else " " + " ".join(argv))
     started, date = time.perf_counter(), common.now_utc()
     sections = []

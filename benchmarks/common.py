@@ -104,13 +104,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Clock of :func:`timed_call`: ``"wall"`` (``time.perf_counter``, default) or
+#: ``"process"`` (``time.process_time``: CPU seconds of this process, all threads
+#: summed; with ``--threads 1`` on a shared machine it leaves out the time spent
+#: waiting for a core). Set by ``python -m benchmarks --clock``.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+clock: list[str] = ["wall"]
+
+
 def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """Run ``fn`` once and return ``(result, seconds)``, synchronizing the device."""
+    now = CLOCKS[clock[0]]
     sync(device)
-    start = time.perf_counter()
+    start = now()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start
+    return out, now() - start
 
 
 def time_interleaved(
@@ -200,6 +209,10 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "torch threads": f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op",
         "torch": torch.__version__,
         "device": device_name,
+        "GPU": (f"{torch.cuda.device_count()} CUDA device(s) available" + ("" if device.type == "cuda" else
+                ", not used by this run (pass --device cuda)") if torch.cuda.is_available() else
+                "none available to this run (torch.cuda.is_available() is False), so there are no CUDA "
+                "numbers; `python -m benchmarks --device cuda --write-results` produces them on a GPU machine"),
         "Python": platform.python_version(),
         "OS": platform.platform(),
         "git": _git_revision(),
@@ -277,3 +290,61 @@ def profile_ops(fn: Callable[[], Any], device: torch.device, *, row_limit: int =
             except (AttributeError, KeyError, ValueError, TypeError):
                 continue
     return result
+
+
+def optional_import(name: str) -> tuple[Any, Optional[str]]:
+    """``(module, None)`` or ``(None, "skipped: <name> not installed")``.
+
+    Benchmarks that compare against rigl-torch or build torchvision models use it so
+    that a missing package yields a ``skipped: ...`` cell instead of a crash.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(name), None
+    except ImportError as err:  # ModuleNotFoundError, or a broken install
+        return None, f"skipped: {name} not installed ({type(err).__name__})"
+
+
+def save_plot(draw: Callable[[Any], None], path: "os.PathLike[str] | str", *, enabled: bool = True) -> str:
+    """Draw a matplotlib figure with ``draw(plt)`` and save it to ``path``.
+
+    Args:
+        draw: callable receiving ``matplotlib.pyplot``; it creates the figure.
+        path: PNG file to write.
+        enabled: ``False`` (e.g. smoke runs) skips drawing.
+
+    Returns:
+        A markdown line: an image link relative to ``benchmarks/`` or a note saying
+        why there is no plot (matplotlib absent, disabled).
+    """
+    if not enabled:
+        return "_(plot not drawn in this run)_"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "_(no plot: matplotlib is not installed)_"
+    draw(plt)
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close("all")
+    return f"![{os.path.basename(path)}]({os.path.basename(path)})"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def set_scheduler_step(sched: Any, calls_done: int) -> None:
+    """Benchmark-only: put a ``rigl_func.RigLScheduler`` at ``calls_done`` calls, so that
+    its next call is iteration ``calls_done + 1`` (e.g. ``delta - 1`` -> an update step).
+
+    Rewrites the shell's counters and ``state.step``; masks and accumulators stay as
+    they are (their values do not change the cost of a step).
+    """
+    sched._step = calls_done
+    sched._state = sched._state._replace(step=torch.full_like(sched._state.step, calls_done))
+    sched._refresh()

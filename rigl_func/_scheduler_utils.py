@@ -33,6 +33,8 @@ __all__ = [
     "make_config",
     "unwrap_model",
     "needs_dense_grads",
+    "is_distributed",
+    "zero_inactive_",
     "mask_grads_",
     "mask_weights_",
     "broadcast_masks",
@@ -218,20 +220,36 @@ def needs_dense_grads(step: int, config: RigLConfig) -> bool:
     return config.ema_momentum > 0 or bool(in_accumulation_window(step, config))
 
 
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is available and initialized (gradients may be
+    all-reduced after the post-accumulate-grad hooks have run)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def zero_inactive_(tensor: Tensor, mask: Tensor) -> None:
+    """In place: ``tensor`` is exactly 0 where ``mask`` is False (NaN/inf there too).
+
+    One ``torch.where(mask, tensor, 0, out=tensor)`` pass: no ``~mask`` temporary and,
+    on the CPU, about 1.4x faster than ``masked_fill_(~mask, 0)`` (benchmarks/train_step).
+    """
+    torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
+
+
 @torch.no_grad()
 def mask_grads_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """In place: ``param.grad`` is exactly 0 at inactive entries (``None`` grads skipped)."""
     for name, mask in masks.items():
         grad = params[name].grad
         if grad is not None:
-            grad.masked_fill_(~mask, 0)
+            zero_inactive_(grad, mask)
 
 
 @torch.no_grad()
 def mask_weights_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """In place: inactive weights are exactly 0."""
     for name, mask in masks.items():
-        params[name].masked_fill_(~mask, 0)
+        zero_inactive_(params[name], mask)
 
 
 def broadcast_masks(masks: Mapping[str, Tensor], src: int = 0) -> dict[str, Tensor]:

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from rigl_func.masks import map_masked_leaves
 
-__all__ = ["reset_optimizer_state", "reset_torch_optimizer_state_", "mask_torch_optimizer_state_"]
+__all__ = ["reset_optimizer_state", "reset_torch_optimizer_state_", "mask_torch_optimizer_state_",
+           "preserves_zeros"]
 
 
 def _keep(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -63,7 +64,7 @@ def _edit_torch_state_(optimizer: torch.optim.Optimizer, params: Mapping[str, Te
             continue
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == keep.shape:
-                value.masked_fill_(~keep, 0)
+                torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device), out=value)
 
 
 @torch.no_grad()
@@ -91,3 +92,26 @@ def mask_torch_optimizer_state_(
 ) -> None:
     """In place: zero ``optimizer``'s per-parameter state at inactive positions."""
     _edit_torch_state_(optimizer, params, masks)
+
+
+def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether one ``optimizer.step()`` keeps an entry exactly 0 -- its weight *and* its
+    per-parameter state -- when its gradient, weight and state are exactly 0 before.
+
+    True for ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay,
+    ``maximize``), and ``Adam`` / ``AdamW`` with ``eps > 0`` in every param group
+    (moments stay 0 and the update is ``lr * 0 / (0 + eps) = 0``; decoupled decay
+    scales 0). Exact classes only: a subclass may change the rule. The stateful
+    shell uses it to skip re-masking the optimizer state after such steps.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> preserves_zeros(torch.optim.Adam([w])), preserves_zeros(torch.optim.Adam([w], eps=0.0))
+        (True, False)
+    """
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        return True
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        return all(float(group.get("eps", 0.0)) > 0.0 for group in optimizer.param_groups)
+    return False

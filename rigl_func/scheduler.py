@@ -23,10 +23,13 @@ Mechanics (no monkey-patching of ``optimizer.step``):
   decides on the same averaged gradient. No dense copy is kept: with
   ``grad_accumulation_n == 1`` the update reads ``param.grad`` itself, with more the
   core's running mean is the only buffer. ``__call__`` then masks the gradients
-  (again), so they are zero at inactive entries after every call whatever the hook
-  order inside DDP.
-* ``optimizer.register_step_post_hook`` re-zeroes inactive weights and the optimizer
-  state there (SGD momentum, Adam/AdamW moments) after every ``optimizer.step()``.
+  where the hooks did not (dense iterations, update steps) and, under
+  ``torch.distributed``, again on every call, so they are zero at inactive entries
+  after every call whatever the hook order inside DDP. Without it a plain step costs
+  one masking pass over the gradients, not two.
+* ``optimizer.register_step_post_hook`` re-zeroes inactive weights after every
+  ``optimizer.step()``, and the optimizer state there too unless the optimizer provably
+  keeps it zero (SGD, Adam/AdamW with ``eps > 0``: :func:`rigl_func.optim.preserves_zeros`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from torch import Tensor, nn  # noqa: F401  (nn: used by the doctest)
 from rigl_func import _scheduler_utils as U
 from rigl_func.config import RigLConfig
 from rigl_func.masks import sparse_param_names, target_sparsities
-from rigl_func.optim import mask_torch_optimizer_state_, reset_torch_optimizer_state_
+from rigl_func.optim import mask_torch_optimizer_state_, preserves_zeros, reset_torch_optimizer_state_
 from rigl_func.schedules import is_update_step
 from rigl_func.state import RigLState, check_state, init_state
 from rigl_func.topology import accumulate, update_topology
@@ -63,7 +66,7 @@ class _GradMaskHook:
     def __call__(self, param: Tensor) -> None:
         sched = self.scheduler
         if not sched._dense_next and param.grad is not None:
-            param.grad.masked_fill_(~sched._state.masks[self.name], 0)
+            U.zero_inactive_(param.grad, sched._state.masks[self.name])
 
 
 def _registered_to(param: Tensor) -> Optional[RigLScheduler]:
@@ -250,6 +253,7 @@ class RigLScheduler:
             call ``optimizer.step()``), ``True`` otherwise.
         """
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
+        hooks_masked = not self._dense_next  # what the grad hooks did during this backward
         self._state = accumulate(self._state, grads, self.config)
         self._step += 1
         # No sparse layer (dense_allocation=1): nothing to update, so never skip the
@@ -257,7 +261,10 @@ class RigLScheduler:
         do_update = not self.static_topo and bool(self._params) and bool(is_update_step(self._step, self.config))
         if do_update:
             self._rigl_step_(grads)
-        U.mask_grads_(self._params, self._state.masks)
+        # The hooks already masked this backward's gradients unless they were left dense
+        # or an all-reduce (DDP) may have run after the hooks: mask (again) only then.
+        if do_update or not hooks_masked or U.is_distributed():
+            U.mask_grads_(self._params, self._state.masks)
         self._refresh()
         return not do_update
 
@@ -274,7 +281,11 @@ class RigLScheduler:
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         U.mask_weights_(self._params, self._state.masks)
-        mask_torch_optimizer_state_(optimizer, self._params, self._state.masks)
+        # The state is zero at inactive entries after __init__, load_state_dict and every
+        # update (reset_torch_optimizer_state_), and the gradients are masked; SGD/Adam/AdamW
+        # then keep it zero, so re-masking it would be one wasted pass per step.
+        if not preserves_zeros(optimizer):
+            mask_torch_optimizer_state_(optimizer, self._params, self._state.masks)
 
     # rigl-torch's public helpers, for scripts that call them.
     def apply_mask_to_weights(self) -> None:
