@@ -9,146 +9,44 @@ dense) and saves plots (accuracy curves, per-layer density uniform vs ERK, mask
 turnover) and ``results.json`` to ``--out``.
 
     pip install -e ".[examples]"
-    python examples/train_mnist1d.py                  # ~5 min on 2 CPU cores
+    python examples/train_mnist1d.py                  # about 4 min on 2 CPU cores (2 worker processes)
     python examples/train_mnist1d.py --seeds 5 --epochs 100 --sparsity 0.8 0.9 0.95 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-import rigl_func as rf
-from rigl_func.flops import forward_flops, sparse_forward_flops, training_flops_per_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _small_models as sm  # noqa: E402  (data, model and training loop shared with reproduce.py)
 
-METHODS = {  # name -> (distribution, topology update rule)
-    "dense": (None, None),
-    "static": ("uniform", None),
-    "set": ("uniform", "random"),
-    "rigl": ("uniform", "gradient"),
-    "rigl-erk": ("erk", "gradient"),
+METHODS = {  # name -> (rigl_func method, distribution)
+    "dense": ("dense", "uniform"),
+    "static": ("static", "uniform"),
+    "set": ("set", "uniform"),
+    "rigl": ("rigl", "uniform"),
+    "rigl-erk": ("rigl", "erk"),
 }
 
 
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 40)),
-        nn.Conv1d(1, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Conv1d(32, 64, 3, stride=2, padding=1), nn.BatchNorm1d(64), nn.ReLU(),
-        nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.BatchNorm1d(64), nn.ReLU(),
-        nn.Flatten(), nn.Linear(640, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10),
-    )
-
-
-def load_mnist1d(cache: Path) -> dict[str, torch.Tensor]:
-    """Generate MNIST-1D once (about 5 s) and cache it as a tensor file."""
-    if cache.exists():
-        return torch.load(cache)
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    raw = make_dataset(get_dataset_args())
-    data = {
-        "x": torch.tensor(raw["x"], dtype=torch.float32), "y": torch.tensor(raw["y"], dtype=torch.int64),
-        "x_test": torch.tensor(raw["x_test"], dtype=torch.float32), "y_test": torch.tensor(raw["y_test"], dtype=torch.int64),
-    }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, cache)
-    return data
-
-
-def train_one(method: str, sparsity: float, seed: int, data: dict, args, progress) -> dict:
-    device = torch.device(args.device)
-    torch.manual_seed(seed)
-    model = make_model().to(device)
-    x, y = data["x"].to(device), data["y"].to(device)
-    x_test, y_test = data["x_test"].to(device), data["y_test"].to(device)
-    steps_per_epoch = math.ceil(len(x) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    distribution, rule = METHODS[method]
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    masks, config, state = {}, None, None
-    if distribution is not None:
-        first = rf.sparse_param_names(model)[0]
-        config = rf.RigLConfig(
-            sparsity=sparsity, distribution=distribution, delta=args.delta, alpha=args.alpha,
-            t_end=max(2, int(0.75 * total_steps)),
-            dense=(first,) if distribution == "uniform" else (),  # paper: first layer dense for uniform
-        )
-        state = rf.init_state(params, config, seed=seed)
-        params = rf.apply_masks(params, state.masks)
-        masks = state.masks
-    momentum = {k: torch.zeros_like(v) for k, v in params.items()}
-    gen = torch.Generator().manual_seed(10_000 + seed)  # SET's random growth and batch order
-
-    def grads_of(p, xb, yb) -> dict[str, torch.Tensor]:
-        # Dense gradients w.r.t. the (masked) params. torch.autograd.grad on a
-        # functional_call is ~3x cheaper per step on CPU than torch.func.grad here.
-        leaves = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in p.items())}
-        loss = nn.functional.cross_entropy(functional_call(model, leaves, (xb,)), yb)
-        return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-
-    def evaluate(p) -> float:
-        model.eval()  # BatchNorm running statistics (buffers live in the module)
-        with torch.no_grad():
-            acc = (functional_call(model, p, (x_test,)).argmax(1) == y_test).float().mean().item()
-        model.train()
-        return acc
-
-    curve, turnover = [], []
-    step = 0
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(x), generator=gen).to(device)
-        for i in range(steps_per_epoch):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            grads = grads_of(params, x[idx], y[idx])
-            step += 1
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            if state is not None:
-                state = rf.accumulate(state, grads, config)
-            if rule is not None and rf.is_update_step(step, config):
-                old = state.masks
-                signal = grads if rule == "gradient" else {
-                    k: torch.rand(m.shape, generator=gen).to(device) for k, m in old.items()}
-                params, state = rf.update_topology(params, signal, state, config)
-                momentum = rf.reset_optimizer_state(momentum, old, state.masks)
-                new = sum(int((state.masks[k] & ~old[k]).sum()) for k in old)
-                turnover.append((step, new / sum(int(m.sum()) for m in old.values())))
-                masks = state.masks
-                continue  # the RigL step replaces the optimizer step
-            grads = rf.apply_masks(grads, masks)
-            momentum = {k: 0.9 * momentum[k] + grads[k] + args.weight_decay * params[k] for k in params}
-            params = rf.apply_masks({k: params[k] - lr * momentum[k] for k in params}, masks)
-        curve.append(evaluate(params))
-        progress.set_postfix(method=method, s=sparsity, seed=seed, acc=f"{curve[-1]:.3f}")
-        progress.update(1)
-
-    densities = {k: m.float().mean().item() for k, m in masks.items()}
-    model.eval()  # BatchNorm with a single example
-    flops = forward_flops(model, x_test[:1])
-    f_dense = flops["total"]
-    f_sparse = sparse_forward_flops(flops, densities)
-    kind = {"dense": "dense", "static": "static", "set": "set"}.get(method, "rigl")
-    active_steps = config.t_end if config is not None else 0
-    train = (training_flops_per_step(kind, f_sparse, f_dense, args.delta) * active_steps
-             + 3 * f_sparse * (total_steps - active_steps)) / (3 * f_dense * total_steps) if kind == "rigl" else \
-        training_flops_per_step(kind, f_sparse, f_dense, args.delta) / (3 * f_dense)
-    n_sparse = sum(m.numel() for m in masks.values())
-    n_all = sum(v.numel() for v in params.values())
-    nnz = sum(int(m.sum()) for m in masks.values()) + (n_all - n_sparse)
-    return {
-        "method": method, "sparsity": sparsity, "seed": seed, "test_acc": curve[-1], "curve": curve,
-        "turnover": turnover, "layer_density": densities, "density": nnz / n_all,
-        "train_flops": train, "infer_flops": f_sparse / f_dense,
-    }
+def train_one(job: tuple[str, float, int], data: dict, args: argparse.Namespace) -> dict:
+    """One ``(method, sparsity, seed)`` run of the 1-D CNN (first layer dense for uniform, as in
+    the paper), evaluated after every epoch; see ``_small_models.train``."""
+    method, sparsity, seed = job
+    rule, distribution = METHODS[method]
+    run = sm.train(sm.mnist1d_cnn, data, method=rule, sparsity=sparsity, seed=seed, distribution=distribution,
+                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                   delta=args.delta, alpha=args.alpha, device=args.device)
+    run.update(method=method, sparsity=sparsity)
+    return run
 
 
 def summarize(runs: list[dict]) -> str:
@@ -225,24 +123,35 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--delta", type=int, default=50)
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each (1: in-process)")
     parser.add_argument("--out", type=Path, default=Path("runs/mnist1d"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST-1D cache (default: --out)")
     parser.add_argument("--smoke", action="store_true", help="tiny run (CI): 1 seed, 2 epochs, 512 samples")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.epochs, args.delta = 1, 2, 2
+        args.seeds, args.epochs, args.delta, args.jobs = 1, 2, 2, 1
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = load_mnist1d(args.out / "mnist1d.pt")
+    data = sm.load_mnist1d((args.data_dir or args.out) / "mnist1d.pt")
     if args.smoke:
         data = {k: v[:512] for k, v in data.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     runs, start = [], time.time()
     jobs = [(m, s, seed) for s in args.sparsity for m in args.methods for seed in range(args.seeds)
             if not (m == "dense" and s != args.sparsity[0])]
-    with tqdm(total=len(jobs) * args.epochs, desc="training", unit="epoch") as progress:
-        for method, sparsity, seed in jobs:
-            runs.append(train_one(method, sparsity, seed, data, args, progress))
+    work = functools.partial(train_one, data=data, args=args)
+    threads = torch.get_num_threads()
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and never spin-waits on a busy machine
+    try:
+        with tqdm(total=len(jobs), desc=f"training ({args.epochs} epochs per run)", unit="run") as progress:
+            for run in sm.run_parallel(work, jobs, args.jobs):
+                runs.append(run)
+                progress.set_postfix(method=run["method"], seed=run["seed"], acc=f"{run['test_acc']:.3f}")
+                progress.update(1)
+    finally:
+        torch.set_num_threads(threads)
+    runs.sort(key=lambda r: (r["sparsity"], list(METHODS).index(r["method"]), r["seed"]))
     table = summarize(runs)
     print(f"\nMNIST-1D, {args.epochs} epochs, {args.seeds} seeds, {time.time() - start:.0f} s\n")
     print(table)

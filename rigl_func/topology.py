@@ -157,7 +157,7 @@ def _init_grown(
         std = torch.sqrt((((param - mean) * active) ** 2).sum() / count)
         init = normal(fold_in(extras["key"], 0x5EED), param.shape, param.device).to(param.dtype) * std
     elif grow_init == "gradient":
-        init = -grad
+        init = -grad.to(param.dtype)
     else:
         raise ValueError(f"grow_init must be 'zeros', 'normal' or 'gradient', got grow_init={grow_init!r}")
     return torch.where(fresh, grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), new_param)
@@ -186,8 +186,19 @@ def _check_tree(tree: Mapping[str, Tensor], masks: Mapping[str, Tensor], argname
     if missing:
         raise ValueError(f"{argname} is missing sparse layers {missing}")
     for name, mask in masks.items():
+        if not isinstance(tree[name], Tensor):
+            raise TypeError(f"{argname}[{name!r}] must be a Tensor, got {type(tree[name]).__name__}")
+        if tree[name].device != mask.device:
+            raise ValueError(f"{argname}[{name!r}] is on {tree[name].device} but state.masks[{name!r}] is on {mask.device}")
         if tuple(tree[name].shape) != tuple(mask.shape):
             raise ValueError(f"{argname}[{name!r}] has shape {tuple(tree[name].shape)} but the mask has {tuple(mask.shape)}")
+
+
+def _check_types(state: RigLState, config: RigLConfig) -> None:
+    if not isinstance(state, RigLState):
+        raise TypeError(f"state must be a RigLState, got state={type(state).__name__}")
+    if not isinstance(config, RigLConfig):
+        raise TypeError(f"config must be a RigLConfig, got config={config!r}")
 
 
 def update_topology(
@@ -230,6 +241,7 @@ def update_topology(
         >>> int(state.masks["w"].sum()), int(state.num_updates)
         (32, 1)
     """
+    _check_types(state, config)
     _check_tree(params, state.masks, "params")
     accumulating = config.grad_accumulation_n > 1
     growth = state.grad_acc if accumulating else grads
@@ -285,18 +297,19 @@ def accumulate(state: RigLState, grads: Mapping[str, Tensor], config: RigLConfig
         >>> int(state.step), state.grad_acc["w"][0, 0].item()  # mean of steps 3 and 4 (values 2, 3)
         (4, 2.5)
     """
+    _check_types(state, config)
     step = state.step + 1
     k = config.grad_accumulation_n
     beta = config.ema_momentum
     if k == 1 and beta == 0.0:
         return state._replace(step=step)
     _check_tree(grads, state.masks, "grads")
-    ema = {name: beta * value + (1.0 - beta) * grads[name] for name, value in state.ema.items()}
+    ema = {name: beta * value + (1.0 - beta) * grads[name].to(value.dtype) for name, value in state.ema.items()}
     if k == 1:
         return state._replace(step=step, ema=ema)
     in_window = in_accumulation_window(step, config)
     acc = {
-        name: torch.where(in_window, value + grads[name] / k, value)
+        name: torch.where(in_window, value + grads[name].to(value.dtype) / k, value)
         for name, value in state.grad_acc.items()
     }
     return state._replace(step=step, grad_acc=acc, ema=ema)

