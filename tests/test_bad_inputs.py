@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -672,6 +673,15 @@ def readme_table() -> str:
             outcome += " *(not yet: needs a fix in `topology.py`)*"
         lines.append(f"| {cell(row.given)} | {cell(outcome)} |")
     return "\n".join(lines)
+
+
+def test_readme_table_is_current():
+    """README.md's "Bad inputs" table is exactly the one generated from ROWS (no rot)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- bad-inputs:start -->\n", "\n<!-- bad-inputs:end -->"
+    assert start in readme and end in readme, "README.md lost its bad-inputs markers"
+    documented = readme.split(start, 1)[1].split(end, 1)[0]
+    assert documented == readme_table(), "README table is stale: paste `python tests/test_bad_inputs.py`"
 
 
 if __name__ == "__main__":
