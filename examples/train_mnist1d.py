@@ -85,13 +85,14 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    # Every weight of the model, in model order; a layer absent from a run's masks is dense.
+    names = [n for n, p in sm.mnist1d_cnn().named_parameters() if p.dim() > 1]
     for offset, method in ((-0.2, "rigl"), (0.2, "rigl-erk")):
         rs = [r for r in runs if r["method"] == method]
         if rs:
-            names = list(rs[0]["layer_density"])
-            ax.bar([i + offset for i in range(len(names))], [rs[0]["layer_density"][n] for n in names], width=0.4,
-                   label="uniform (first layer dense)" if method == "rigl" else "ERK")
-            ax.set_xticks(range(len(names)), names, rotation=20)
+            ax.bar([i + offset for i in range(len(names))], [rs[0]["layer_density"].get(n, 1.0) for n in names],
+                   width=0.4, label="uniform (first layer dense)" if method == "rigl" else "ERK")
+    ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set(ylabel="density", title=f"Per-layer density at sparsity {runs[-1]['sparsity']}")
     ax.legend()
     paths.append(out / "layer_density.png")
