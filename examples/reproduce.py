@@ -132,8 +132,14 @@ def ordering_check(runs: list[dict], combo: str, sparsities: list[float]) -> lis
         lines.append("  RigL >= SET >= static: n/a (needs static, set and rigl)")
     else:
         good = [s for s in ok if acc["rigl", s] >= acc["set", s] >= acc["static", s]]
-        lines.append(f"  RigL >= SET >= static: {'PASS' if len(good) == len(ok) else 'FAIL'} at "
-                     f"{len(good)}/{len(ok)} sparsities ({', '.join(f'{s:g}' for s in good) or 'none'})")
+        bad = [s for s in ok if s not in good]
+        lines.append(f"  RigL >= SET >= static: {'PASS' if not bad else 'FAIL'}: holds at {len(good)}/{len(ok)} "
+                     f"sparsities ({', '.join(f'{s:g}' for s in good) or 'none'})"
+                     + "".join(f"; fails at {s:g} (rigl {acc['rigl', s]:.2f}, set {acc['set', s]:.2f}, "
+                               f"static {acc['static', s]:.2f})" for s in bad))
+        for a, b in (("rigl", "set"), ("rigl", "static"), ("set", "static")):
+            wins = sum(acc[a, s] >= acc[b, s] for s in ok)
+            lines.append(f"    {a} >= {b} at {wins}/{len(ok)}")
         gaps = [acc["rigl", s] - acc["static", s] for s in ok]
         verdict = "n/a (one sparsity)" if len(ok) < 2 else "PASS" if gaps[-1] > gaps[0] else "FAIL"
         lines.append(f"  RigL - static gap widens with sparsity: {verdict} "
