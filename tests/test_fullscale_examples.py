@@ -8,9 +8,7 @@ final checkpoints must be identical (weights, BN buffers, momentum, masks, count
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +18,7 @@ from rigl_func.checkpoint import load_checkpoint
 
 pytest.importorskip("torchvision", reason="torchvision (dev extra) not installed: full-scale scripts not smoke-tested")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import EXAMPLES, load_example as _load  # noqa: E402  (shared test helper)
 
 
 COMMON = ["--fake-data", "--batch-size", "4", "--fake-size", "32", "--fake-val-size", "4", "--epochs", "1",
@@ -145,6 +136,7 @@ def test_docstring_examples(name):
     # examples/ is outside pytest's doctest paths; run them here (WRN-22-2 parameter count,
     # the LR schedules, the seeded data order).
     import doctest
+    import importlib
     import sys
 
     if str(EXAMPLES) not in sys.path:  # the scripts import _fullscale from their own folder
