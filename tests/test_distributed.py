@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _dist_workers as W
+import rigl_func as rf
 from rigl_func import distributed as rd
 from rigl_func.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 
@@ -275,3 +276,50 @@ def test_ddp_example_resume_is_bitwise_exact_in_one_process(tmp_path, api):
     assert load_checkpoint(tmp_path / "part.pt")["t"] == 14
     example.main(common + ["--ckpt", str(tmp_path / "part.pt"), "--resume"])
     _assert_trees_equal(load_checkpoint(tmp_path / "part.pt"), load_checkpoint(tmp_path / "full.pt"), api)
+
+
+# ------------------------------------------------------------------ (d) a rank of a 2-rank job killed mid-run
+def _launch_example(args: list, port: int) -> list:
+    """The 2 ranks of ``examples/ddp_train.py`` as separate processes (what torchrun does)."""
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "examples" / "ddp_train.py"), *args], env=env,
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _wait_ok(procs: list) -> None:
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+
+
+def test_rank_killed_mid_run_leaves_a_complete_checkpoint_and_resume_is_exact(tmp_path):
+    common = ["--api", "functional", "--steps", "300", "--delta", "5", "--grad-accumulation-n", "2",
+              "--hidden", "32", "--global-batch", "32"]
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    _wait_ok(_launch_example(common + ["--ckpt", str(full), "--save-every", "1000"], _free_port()))
+
+    procs = _launch_example(common + ["--ckpt", str(part), "--save-every", "1"], _free_port())
+    try:
+        deadline = time.time() + 120
+        while not (part.exists() and load_checkpoint(part)["t"] >= 7):  # a few saves done: rank 0 saves every step
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before the kill"
+            time.sleep(0.005)
+        os.kill(procs[0].pid, signal.SIGKILL)  # the writer, at an arbitrary moment (possibly inside a save)
+    finally:
+        for p in procs:  # rank 1 would wait in its next collective: the job is torn down, as a launcher does
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+    ckpt = load_checkpoint(part)  # complete and loadable, whatever the moment of the kill
+    assert 7 <= ckpt["t"] < 300 and set(ckpt) == {"api", "t", "state", "params", "momentum"}
+    state = rf.RigLState(**ckpt["state"])
+    config = rf.RigLConfig(sparsity=0.9, distribution="erk", delta=5, t_end=225, alpha=0.3, grad_accumulation_n=2)
+    rf.check_state(state, ckpt["params"], config)  # exact nnz per layer, counters, accumulators
+    assert int(state.step) == ckpt["t"]
+
+    _wait_ok(_launch_example(common + ["--ckpt", str(part), "--resume"], _free_port()))  # fresh processes
+    _assert_trees_equal(load_checkpoint(part), load_checkpoint(full), "resumed after a killed rank")
