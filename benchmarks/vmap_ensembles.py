@@ -17,6 +17,10 @@ tensors. **sequential**: the per-model step in a Python loop over K models. The 
 is sequential time over vmapped time (= throughput ratio); amortized step =
 ``(99 * plain + update) / 100``.
 
+**compiled** (with ``--compile primary|all``, on the first model): the plain step of
+each mode under ``torch.compile``, vmapped vs a Python loop over a compiled single-model
+step; update steps stay eager.
+
 Why two sizes: ``vmap`` saves per-op dispatch and Python overhead (paid once instead of
 K times), not arithmetic. The small MLP's step is mostly overhead, where ensembling
 with ``vmap`` pays off; the larger one is matmul-bound on a CPU thread, where it cannot.
@@ -24,6 +28,7 @@ with ``vmap`` pays off; the larger one is matmul-bound on a CPU thread, where it
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -118,7 +123,16 @@ MODELS = [
 ]
 
 
-def _time_model(ctx: Context, sizes: tuple[int, ...], batch: int, ks: tuple[int, ...], cfg, log) -> dict:
+def _compiled(fn: Callable, ctx: Context, *args) -> tuple[Callable, float]:
+    """``torch.compile(fn)`` and the seconds of its first call (the compile)."""
+    compiled = torch.compile(fn, backend=ctx.compile_backend)
+    start = time.perf_counter()
+    compiled(*args)
+    return compiled, time.perf_counter() - start
+
+
+def _time_model(ctx: Context, sizes: tuple[int, ...], batch: int, ks: tuple[int, ...], cfg, log,
+                compiled: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, sizes[0], generator=gen).to(ctx.device)
     y = torch.randint(0, sizes[-1], (batch,), generator=gen).to(ctx.device)
@@ -142,6 +156,12 @@ def _time_model(ctx: Context, sizes: tuple[int, ...], batch: int, ks: tuple[int,
             "vmapped-fwd plain": lambda: aplain(sp, ss_plain, x, y),
             "vmapped-fwd update": lambda: aupdate(sp, ss_update, x, y),
         }
+        if compiled:  # plain steps only (99 of every 100 steps); update steps stay eager
+            cv, cv_s = _compiled(vplain, ctx, sp, ss_plain, x, y)
+            cs, cs_s = _compiled(plain, ctx, params[0], at_plain[0], x, y)
+            fns["compiled vmapped plain"] = lambda: cv(sp, ss_plain, x, y)
+            fns["compiled sequential plain"] = lambda: [cs(p, s, x, y) for p, s in zip(params, at_plain)]
+            log(f"[{NAME}] K={k}: compiled the vmapped plain step in {cv_s:.1f} s, the single-model one in {cs_s:.1f} s")
         repeats = ctx.repeats * (1 if ctx.smoke else 3)
         log(f"[{NAME}] {'-'.join(map(str, sizes))} K={k}: {', '.join(fns)} x {repeats} ...")
         results[k] = time_interleaved(fns, device=ctx.device, repeats=repeats, warmup=ctx.warmup + 1)
@@ -149,7 +169,9 @@ def _time_model(ctx: Context, sizes: tuple[int, ...], batch: int, ks: tuple[int,
 
 
 def _amortized(t: dict, kind: str) -> float:
-    return ((DELTA - 1) * t[f"{kind} plain"].median_ms + t[f"{kind} update"].median_ms) / DELTA
+    """``(99 plain + 1 update) / 100``; compiled kinds use the eager update of their mode."""
+    update = kind.replace("compiled ", "")
+    return ((DELTA - 1) * t[f"{kind} plain"].median_ms + t[f"{update} update"].median_ms) / DELTA
 
 
 def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
@@ -157,7 +179,27 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
     models = [("MLP 64-32-10, batch 8 (smoke)", (64, 32, 10), 8)] if ctx.smoke else MODELS
     ks = (1, 2) if ctx.smoke else (1, 2, 4, 8, 16)
     cfg = rigl_func.RigLConfig(t_end=T_END, delta=DELTA, sparsity=0.9, distribution="erk")
-    all_results = {label: _time_model(ctx, sizes, batch, ks, cfg, log) for label, sizes, batch in models}
+    compiled = ctx.compile_configs != "none"  # on the first (primary) model only
+    all_results = {label: _time_model(ctx, sizes, batch, ks, cfg, log, compiled=compiled and i == 0)
+                   for i, (label, sizes, batch) in enumerate(models)}
+    label0, results0 = next(iter(all_results.items()))
+    compiled_md = []
+    if compiled:
+        crow = []
+        for k, t in results0.items():
+            crow.append([k, t["compiled vmapped plain"].spread(), t["compiled sequential plain"].spread(),
+                         f"{_amortized(t, 'sequential') / _amortized(t, 'compiled vmapped'):.2f}x",
+                         f"{_amortized(t, 'compiled sequential') / _amortized(t, 'compiled vmapped'):.2f}x",
+                         f"{1e3 * k / _amortized(t, 'compiled vmapped'):,.0f}"])
+        compiled_md = [
+            f"**Compiled** ({label0}; `torch.compile(backend={ctx.compile_backend!r})` of the plain step, "
+            "compile time excluded; update steps eager):",
+            "",
+            markdown_table(["K", "compiled vmapped plain ms", "compiled sequential plain ms",
+                            "compiled vmapped vs eager sequential", "compiled vmapped vs compiled sequential",
+                            "compiled vmapped model-steps/s"], crow, align="rrrrrr"),
+            "",
+        ]
 
     header = ["model", "K", "vmapped plain ms", "sequential plain ms", "plain ratio", "vmapped update ms",
               "sequential update ms", "amortized ratio", "vmapped model-steps/s", "vmapped-fwd plain ms",
@@ -177,7 +219,10 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
         for ax, (label, results) in zip(axes[0], all_results.items()):
             kk = list(results)
             for kind, name in (("vmapped", "vmap(grad)"), ("vmapped-fwd", "vmap forward + autograd"),
-                               ("sequential", "sequential")):
+                               ("sequential", "sequential"), ("compiled vmapped", "compiled vmap(grad)"),
+                               ("compiled sequential", "compiled sequential")):
+                if f"{kind} plain" not in results[kk[0]]:
+                    continue
                 ax.plot(kk, [1e3 * k / _amortized(results[k], kind) for k in kk], "o-", label=name)
             ax.set_xscale("log", base=2)
             ax.set_xticks(kk, [str(k) for k in kk])
@@ -194,8 +239,16 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
             r = seq / _amortized(results[TARGET_K], "vmapped")
             r2 = seq / _amortized(results[TARGET_K], "vmapped-fwd")
             verdict.append(f"- {label}: vmap(grad) {r:.2f}x, vmapped forward + autograd {r2:.2f}x the sequential "
-                           f"throughput at K={TARGET_K} (amortized); target >= {TARGET_RATIO:.0f}x "
-                           f"**{'met' if max(r, r2) >= TARGET_RATIO else 'not met'}**.")
+                           f"throughput at K={TARGET_K} (amortized, both eager); target >= {TARGET_RATIO:.0f}x "
+                           f"**{'met' if max(r, r2) >= TARGET_RATIO else 'not met'}** eager vs eager.")
+            if "compiled vmapped plain" in results[TARGET_K]:
+                t = results[TARGET_K]
+                rc = seq / _amortized(t, "compiled vmapped")
+                rcc = _amortized(t, "compiled sequential") / _amortized(t, "compiled vmapped")
+                verdict.append(f"  Compiled, the vmapped step is {rc:.2f}x the eager sequential throughput and "
+                               f"{rcc:.2f}x the compiled sequential one at K={TARGET_K}: compiling the vmapped "
+                               "step is the lever; like for like (compiled vs compiled) the target is "
+                               f"**{'met' if rcc >= TARGET_RATIO else 'not met'}**.")
     md = [
         f"90% ERK, `delta={DELTA}`, SGD lr {LR}; each model has its own initial weights and masks (seed i), the "
         f"batch is shared. Device: {ctx.device}. Median (min–max) of {ctx.repeats * (1 if ctx.smoke else 3)} "
@@ -206,6 +259,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
         "",
         markdown_table(header, rows, align="lrrrrrrrrrr"),
         "",
+        *compiled_md,
         plot,
         "",
         *verdict,
