@@ -48,6 +48,29 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_layer_rules(config) -> None:
+    """Validate the ``include``/``exclude``/``dense`` fields shared by the configs."""
+    for name in ("include", "exclude", "dense"):
+        value = getattr(config, name)
+        if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
+    for name in ("include", "exclude"):
+        for pattern in getattr(config, name):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{name} has an invalid regex {pattern!r}: {err}") from None
+
+
+def _is_sparse_name(config, name: str) -> bool:
+    """The include/exclude/dense rule shared by the configs (see ``RigLConfig.is_sparse_name``)."""
+    if name in config.dense:
+        return False
+    if any(re.search(p, name) for p in config.exclude):
+        return False
+    return not config.include or any(re.search(p, name) for p in config.include)
+
+
 @dataclass(frozen=True)
 class RigLConfig:
     """Frozen RigL hyperparameters (validated on construction, hashable).
@@ -203,19 +226,7 @@ class RigLConfig:
             raise ValueError(f"n_m=(N, M) must satisfy 1 <= N <= M, got n_m={self.n_m!r}")
         if not (self.block[0] >= 1 and self.block[1] >= 1):
             raise ValueError(f"block=(rows, cols) must be positive, got block={self.block!r}")
-        for name in ("include", "exclude", "dense"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple):
-                raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
-            for item in value:
-                if not isinstance(item, str):
-                    raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
-        for name in ("include", "exclude"):
-            for pattern in getattr(self, name):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"{name} has an invalid regex {pattern!r}: {err}") from None
+        _check_layer_rules(self)
         if self.delta >= self.t_end and self.method != "static":
             warnings.warn(
                 f"delta={self.delta} >= t_end={self.t_end}: no topology update will ever "
@@ -237,10 +248,4 @@ class RigLConfig:
             >>> RigLConfig(t_end=10, delta=5, exclude=("^fc",)).is_sparse_name("fc.weight")
             False
         """
-        if name in self.dense:
-            return False
-        if any(re.search(p, name) for p in self.exclude):
-            return False
-        if self.include and not any(re.search(p, name) for p in self.include):
-            return False
-        return True
+        return _is_sparse_name(self, name)

@@ -31,7 +31,6 @@ dense) matches the authors' repository README; 0.10x is what all-layers-sparse g
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union

@@ -42,7 +42,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import rigl_func as rf
 from rigl_func import (

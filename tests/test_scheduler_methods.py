@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import rigl_func as rf
 from rigl_func import RigLScheduler
 
 
