@@ -68,3 +68,36 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def t_(values, device, dtype=torch.float32) -> torch.Tensor:
+    """Float tensor literal on ``device``."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def m_(bits, device) -> torch.Tensor:
+    """Mask literal: nested lists of 0/1 -> bool tensor on ``device``."""
+    return torch.tensor(bits, dtype=torch.bool, device=device)
+
+
+def clone_tree(tree):
+    """Deep copy of the tensor leaves of a pytree (to check inputs are not mutated)."""
+    return torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def same_tree(a, b) -> bool:
+    """Trees equal leaf by leaf: same structure, dtypes, shapes, devices and values
+    (NaN counts as equal to NaN)."""
+    la, sa = torch.utils._pytree.tree_flatten(a)
+    lb, sb = torch.utils._pytree.tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or x.device != y.device:
+                return False
+            if not torch.equal(x, y) and not (x.is_floating_point() and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)):
+                return False
+        elif x != y:
+            return False
+    return True

@@ -13,14 +13,11 @@ import torch
 from torch import nn
 
 from rigl_func import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
+from conftest import m_ as _m  # shared test helpers
 
 OLD = [[1, 1, 0], [0, 1, 0]]
 NEW = [[1, 0, 1], [0, 1, 0]]
 # keep = OLD & NEW = [[1, 0, 0], [0, 1, 0]]
-
-
-def _m(bits, device):
-    return torch.tensor(bits, dtype=torch.bool, device=device)
 
 
 class Trace(NamedTuple):

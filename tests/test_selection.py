@@ -22,19 +22,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rigl_func import drop, grow
+from conftest import m_ as _m, t_ as _t  # shared test helpers
 
 NAN, INF = math.nan, math.inf
 F32MAX = torch.finfo(torch.float32).max
 F32TINY = float(torch.finfo(torch.float32).smallest_normal) / 4  # a subnormal
-
-
-def _t(values, device, dtype=torch.float32):
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _m(bits, device):
-    """Mask literal: nested lists of 0/1 -> bool tensor."""
-    return torch.tensor(bits, dtype=torch.bool, device=device)
 
 
 # ---------------------------------------------------------------------------------

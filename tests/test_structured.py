@@ -33,7 +33,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import rigl_func
 from rigl_func import (
@@ -48,6 +48,7 @@ from rigl_func import (
     update_layer,
     update_topology,
 )
+from conftest import clone_tree as _clone, m_ as _m, same_tree as _same, t_ as _t  # shared test helpers
 from rigl_func.structured import (
     check_structured_mask,
     group_n_m,
@@ -60,34 +61,6 @@ from rigl_func.structured import (
 
 NAN, INF = math.nan, math.inf
 COMPILE_BACKEND = os.environ.get("RIGL_FUNC_TEST_COMPILE_BACKEND", "aot_eager")
-
-
-def _t(values, device):
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def _m(bits, device):
-    return torch.tensor(bits, dtype=torch.bool, device=device)
-
-
-def _clone(tree):
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
-
-
-def _same(a, b) -> bool:
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    if sa != sb:
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor):
-            if x.dtype != y.dtype or x.shape != y.shape or x.device != y.device:
-                return False
-            if not torch.equal(x, y) and not (x.is_floating_point() and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 def _group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:

@@ -19,7 +19,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._pytree import tree_flatten, tree_map
 
 import rigl_func
 from rigl_func import (
@@ -31,38 +30,9 @@ from rigl_func import (
     update_layer,
     update_topology,
 )
+from conftest import clone_tree as _clone, m_ as _m, same_tree as _same, t_ as _t  # shared test helpers
 
 NAN, INF = math.nan, math.inf
-
-
-def _t(values, device):
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def _m(bits, device):
-    return torch.tensor(bits, dtype=torch.bool, device=device)
-
-
-def _clone(tree):
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
-
-
-def _same(a, b) -> bool:
-    """Trees equal leaf by leaf: same structure, dtypes, shapes, devices and values
-    (NaN counts as equal to NaN)."""
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    if sa != sb or len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor):
-            if x.dtype != y.dtype or x.shape != y.shape or x.device != y.device:
-                return False
-            if not torch.equal(x, y) and not (x.is_floating_point() and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------------
