@@ -34,6 +34,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from rigl_func.batched_update import update_layers_batched
 from rigl_func.config import CriterionSpec, RigLConfig
 from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, layer_id, normal
@@ -43,7 +44,7 @@ from rigl_func.selection import _check, _take_top
 from rigl_func.state import RigLState
 from rigl_func.structured import update_mask_block, update_mask_n_m
 
-__all__ = ["accumulate", "update_topology", "update_layer"]
+__all__ = ["accumulate", "update_topology", "update_layer", "update_topology_per_layer"]
 
 
 def update_layer(
@@ -163,11 +164,23 @@ def _init_grown(
     return torch.where(fresh, grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), new_param)
 
 
+_COUNT_FIELDS = ("t_end", "sparsity", "distribution", "delta", "alpha", "erk_power_scale", "structure", "n_m",
+                 "block", "method")
+
+
+def _config_key(config: RigLConfig) -> tuple:
+    """The config fields that fix the per-layer counts, as a tuple of plain values
+    (torch 2.11's dynamo cannot pass a frozen dataclass to a constant function)."""
+    return tuple((f, getattr(config, f)) for f in _COUNT_FIELDS)
+
+
 @torch.compiler.assume_constant_result
-def _static_layer_info(shapes: tuple, config: RigLConfig) -> dict[str, int]:
+def _static_layer_info(shapes: tuple, config_key: tuple) -> dict[str, int]:
     """Static ``topk`` size per layer: ``floor(alpha * N_target)``. Plain Python on
-    shapes and the config, evaluated once at trace time under ``torch.compile``."""
+    shapes and the config's count fields, evaluated once at trace time under
+    ``torch.compile``."""
     shapes = dict(shapes)
+    config = RigLConfig(**dict(config_key))
     expected = target_nnz(shapes, config)
     return {
         k: min(math.floor(config.alpha * expected[k]), math.prod(shapes[k])) for k in shapes
@@ -241,33 +254,72 @@ def update_topology(
         >>> int(state.masks["w"].sum()), int(state.num_updates)
         (32, 1)
     """
+    return _update_topology(params, grads, state, config, aux, batched=True)
+
+
+def update_topology_per_layer(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    state: RigLState,
+    config: RigLConfig,
+    aux: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
+) -> tuple[dict[str, Tensor], RigLState]:
+    """:func:`update_topology` as a Python loop of :func:`update_layer` over the layers.
+
+    The reference (oracle) of the batched update: same arguments, same result bit for
+    bit, but dozens of ATen ops per layer. Structured configs always take this path.
+    """
+    return _update_topology(params, grads, state, config, aux, batched=False)
+
+
+def _update_topology(params, grads, state, config, aux, *, batched: bool):
     _check_types(state, config)
     _check_tree(params, state.masks, "params")
     accumulating = config.grad_accumulation_n > 1
     growth = state.grad_acc if accumulating else grads
     _check_tree(growth, state.masks, "state.grad_acc" if accumulating else "grads")
     fraction = drop_fraction(state.step, config)
-    max_n = _static_layer_info(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), config)
-    ids = dict(zip(state.masks, _layer_ids(tuple(state.masks))))
+    names = tuple(state.masks)
+    max_n = _static_layer_info(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), _config_key(config))
+    ids = dict(zip(names, _layer_ids(names)))
     aux = {} if aux is None else aux
     for tree_name, tree in aux.items():
         _check_tree(tree, state.masks, f"aux[{tree_name!r}]")
     step_key = fold_in(state.key, state.step)
     new_params = dict(params)
-    new_masks = {}
-    for name, mask in state.masks.items():
-        extras = {"key": fold_in(step_key, ids[name]), "step": state.step}
-        if name in state.ema:
-            extras["ema"] = state.ema[name]
-        extras.update({tree_name: tree[name] for tree_name, tree in aux.items()})
-        new_params[name], new_masks[name] = update_layer(
-            params[name], growth[name], mask, fraction, max_n=max_n[name],
-            drop_criterion=config.drop_criterion, grow_criterion=config.grow_criterion,
-            extras=extras, grow_init=config.grow_init, grow_init_scale=config.grow_init_scale,
-            structure=config.structure, n_m=config.n_m, block=config.block,
-        )
-    new_acc = {k: torch.zeros_like(v) for k, v in state.grad_acc.items()}
-    return new_params, state._replace(masks=new_masks, num_updates=state.num_updates + 1, grad_acc=new_acc)
+    if batched and config.structure == "unstructured" and names:
+        layer_params, new_masks = update_layers_batched(
+            params, growth, state.masks, fraction, step_key, {"step": state.step},
+            tuple(ids[n] for n in names), tuple(max_n[n] for n in names), config, aux, state.ema)
+        new_params.update(layer_params)
+    else:
+        new_masks = {}
+        for name, mask in state.masks.items():
+            extras = {"key": fold_in(step_key, ids[name]), "step": state.step}
+            if name in state.ema:
+                extras["ema"] = state.ema[name]
+            extras.update({tree_name: tree[name] for tree_name, tree in aux.items()})
+            new_params[name], new_masks[name] = update_layer(
+                params[name], growth[name], mask, fraction, max_n=max_n[name],
+                drop_criterion=config.drop_criterion, grow_criterion=config.grow_criterion,
+                extras=extras, grow_init=config.grow_init, grow_init_scale=config.grow_init_scale,
+                structure=config.structure, n_m=config.n_m, block=config.block,
+            )
+    return new_params, state._replace(masks=new_masks, num_updates=state.num_updates + 1,
+                                      grad_acc=_zeros_like_tree(state.grad_acc))
+
+
+def _zeros_like_tree(tree: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Zeros shaped like ``tree``: one flat buffer per dtype and device, split into views."""
+    groups: dict = {}
+    for name, value in tree.items():
+        groups.setdefault((value.dtype, value.device), []).append(name)
+    out = {}
+    for (dtype, device), names in groups.items():
+        sizes = [tree[n].numel() for n in names]
+        for n, part in zip(names, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
+            out[n] = part.view(tree[n].shape)
+    return {n: out[n] for n in tree}
 
 
 def accumulate(state: RigLState, grads: Mapping[str, Tensor], config: RigLConfig) -> RigLState:
