@@ -54,7 +54,10 @@ def fold_in(key: Tensor, data: Union[int, Tensor]) -> Tensor:
         >>> bool(fold_in(k, 1) != fold_in(k, 2))
         True
     """
-    data = torch.as_tensor(data, dtype=torch.int64, device=key.device) & _MASK32
+    if isinstance(data, torch.Tensor):
+        data = data.to(device=key.device, dtype=torch.int64) & _MASK32
+    else:  # a fill on the key's device: no host-to-device copy
+        data = torch.full((), int(data) & _MASK32, dtype=torch.int64, device=key.device)
     return hash32(hash32(key.to(torch.int64)) ^ hash32(data + 0x9E3779B9))
 
 
