@@ -143,5 +143,5 @@ def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
     ties = ties.view(-1)
     last = torch.cumsum(ties, 0, dtype=torch.int32) - ties + (need - above2.view(-1)).to(torch.int32)
     chosen = rank <= last.repeat_interleave(_BINS, output_size=num * _BINS).index_select(
-        0, bin2.clamp_(max=num * _BINS - 1))
+        0, bin2.clamp(max=num * _BINS - 1))
     return chosen.logical_and_(at).logical_or_(cls2 == 2)

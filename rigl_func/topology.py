@@ -220,6 +220,8 @@ def update_topology(
     state: RigLState,
     config: RigLConfig,
     aux: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
+    *,
+    engine: str = "auto",
 ) -> tuple[dict[str, Tensor], RigLState]:
     """One RigL topology update across all sparse layers, at step ``state.step``.
 
@@ -237,10 +239,19 @@ def update_topology(
         config: the RigL config.
         aux: optional named trees (e.g. ``{"momentum": momentum_tree}``) whose
             per-layer entries reach custom criteria through ``extras``.
+        engine: ``"batched"`` (all unstructured layers in one flat segmented
+            selection, :mod:`rigl_func.batched_update`: a constant number of ops,
+            the fast path on GPUs), ``"per_layer"`` (a loop of :func:`update_layer`,
+            :func:`update_topology_per_layer`) or ``"auto"`` (default: batched on
+            every device but the CPU, where the per-layer loop measured faster on a
+            2-core machine; see ``benchmarks/RESULTS.md``). The engines give the same
+            result bit for bit; structured configs always run per layer.
 
     Returns:
         ``(params, state)``: new params with inactive entries exactly 0, and a state
-        with new masks, ``num_updates + 1`` and zeroed accumulators. Pure.
+        with new masks, ``num_updates + 1`` and zeroed accumulators. Pure. With the
+        batched engine the sparse layers' params and masks are views of one flat
+        buffer each.
 
     Example:
         >>> from rigl_func import RigLConfig, init_state, accumulate, apply_masks
@@ -254,7 +265,12 @@ def update_topology(
         >>> int(state.masks["w"].sum()), int(state.num_updates)
         (32, 1)
     """
-    return _update_topology(params, grads, state, config, aux, batched=True)
+    if engine not in ("auto", "batched", "per_layer"):
+        raise ValueError(f"engine must be 'auto', 'batched' or 'per_layer', got engine={engine!r}")
+    if engine == "auto":
+        device = next(iter(state.masks.values())).device if state.masks else torch.device("cpu")
+        engine = "per_layer" if device.type == "cpu" else "batched"
+    return _update_topology(params, grads, state, config, aux, batched=engine == "batched")
 
 
 def update_topology_per_layer(
