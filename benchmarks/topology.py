@@ -31,6 +31,7 @@ import torch
 import rigl_func
 from rigl_func.model_shapes import mlp_shapes, resnet50_shapes
 
+from rigl_func.dispatch import count_ops
 from benchmarks.common import (
     Context,
     Section,
@@ -125,6 +126,7 @@ class CaseResult:
     replaced: int
     compiled_matches: Optional[bool]
     load: Optional[float] = None  # 1-minute load average after timing (other processes' CPU use)
+    launches: Optional[dict] = None  # kernel-launching ATen ops of one update, per engine
 
     def ms(self, variant: str) -> Optional[float]:
         timing = self.timings.get(variant)
@@ -155,7 +157,16 @@ def _run_case(ctx: Context, case: Case, dense_params: dict, grads: dict, compile
     target = rigl_func.target_nnz(shapes, cfg)
     topk_size = sum(min(math.floor(cfg.alpha * target[k]), math.prod(shapes[k])) for k in shapes)
 
-    fns: dict[str, Callable[[], Any]] = {"eager": lambda: rigl_func.update_topology(params, grads, state, cfg)}
+    fns: dict[str, Callable[[], Any]] = {
+        "eager": lambda: rigl_func.update_topology(params, grads, state, cfg),
+        "batched": lambda: rigl_func.update_topology(params, grads, state, cfg, engine="batched"),
+        "per_layer": lambda: rigl_func.update_topology(params, grads, state, cfg, engine="per_layer"),
+    }
+    launches = {}
+    for variant in ("batched", "per_layer"):
+        with count_ops() as ops:
+            fns[variant]()
+        launches[variant] = ops.launches
     reference, _ = timed_call(fns["eager"], ctx.device)
     replaced = sum(int((state.masks[k] & ~reference[1].masks[k]).sum()) for k in state.masks)
 
@@ -173,13 +184,13 @@ def _run_case(ctx: Context, case: Case, dense_params: dict, grads: dict, compile
 
     log(f"  timing {case.label}: {', '.join(fns)} x {ctx.repeats} (+{ctx.warmup} warm-up) ...")
     timings = time_interleaved(fns, device=ctx.device, repeats=ctx.repeats, warmup=ctx.warmup,
-                               warmed=("eager", "compiled"))
+                               warmed=("eager", "compiled", "batched", "per_layer"))
     result = CaseResult(
         case=case, timings=timings, compile_s=compile_s, fraction=fraction,
         numel=sum(m.numel() for m in state.masks.values()),
         nnz=sum(int(m.sum()) for m in state.masks.values()),
         floor_k=sum(ks.values()), topk_size=topk_size, replaced=replaced, compiled_matches=matches,
-        load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, launches=launches,
     )
     return result, fns
 
@@ -252,9 +263,11 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
                 profiles[variant] = profile_ops(fns[variant], ctx.device, warmup=False)
         del fns
 
-    header = ["config", "eager ms", "compiled ms", "floor ms", "eager/floor", "compiled/floor"]
-    rows = [[r.case.label, fmt_ms(r.ms("eager")), fmt_ms(r.ms("compiled")), fmt_ms(r.ms("floor")),
-             fmt_ratio(r.ms("eager"), r.ms("floor")), fmt_ratio(r.ms("compiled"), r.ms("floor"))] for r in results]
+    header = ["config", "eager (auto) ms", "batched ms", "per-layer ms", "compiled ms", "floor ms", "eager/floor",
+              "launches batched / per-layer"]
+    rows = [[r.case.label, fmt_ms(r.ms("eager")), fmt_ms(r.ms("batched")), fmt_ms(r.ms("per_layer")),
+             fmt_ms(r.ms("compiled")), fmt_ms(r.ms("floor")), fmt_ratio(r.ms("eager"), r.ms("floor")),
+             f"{r.launches['batched']} / {r.launches['per_layer']}"] for r in results]
     detail_header = ["config", "f", "nnz", "changed", "floor k", "topk size", "eager ms", "compiled ms",
                      "floor ms", "compile s", "compiled == eager", "load"]
     detail_rows = [
