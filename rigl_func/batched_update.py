@@ -32,7 +32,7 @@ from rigl_func import criteria as C
 from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, hash32
 from rigl_func.selection import _check
-from rigl_func.segment_select import order_keys_, segment_ids, segment_top
+from rigl_func.segment_select import order_keys_, segment_ids, segment_top_
 
 __all__ = ["update_layers_batched"]
 
@@ -80,9 +80,9 @@ def _scores(fn: Callable, which: str, names: tuple, params, growth, masks, extra
     if fn is C.magnitude:
         return flat["params"]().abs()  # flat params stay cached for the new params
     if fn is C.gradient:
-        return flat["growth"]().abs()
+        return flat["growth"]().abs_()  # a fresh cat: modified in place
     if fn is C.ema:
-        return _flat([e["ema"] for e in extras]).abs()
+        return _flat([e["ema"] for e in extras]).abs_()
     if fn is C.random:
         return flat["uniform"]()
     scores = []
@@ -189,16 +189,16 @@ def update_layers_batched(
             return cache[name]
         return get
 
-    flat = {
+    flat = {  # fresh tensors on every call (criteria overwrite them), except the params' copy
         "params": lazy("params", lambda: _flat([params[n] for n in names])),
-        "growth": lazy("growth", lambda: _flat([growth[n] for n in names])),
-        "uniform": lazy("uniform", lambda: _flat_uniform(layer_keys, seg, offsets_t, total)),
+        "growth": lambda: _flat([growth[n] for n in names]),
+        "uniform": lambda: _flat_uniform(layer_keys, seg, offsets_t, total),
     }
     drop_fn = resolve_criterion(config.drop_criterion, "drop_criterion")
     grow_fn = resolve_criterion(config.grow_criterion, "grow_criterion")
     mask = _flat([masks[n] for n in names])
-    drop_keys = _float32_owned((-_scores(drop_fn, "drop", names, params, growth, masks, extras, flat)))
-    drop_keys = order_keys_(drop_keys, mask)
+    drop_keys = order_keys_(_float32_owned(_scores(drop_fn, "drop", names, params, growth, masks, extras, flat)).neg_(),
+                            mask)
     grow_scores = _scores(grow_fn, "grow", names, params, growth, masks, extras, flat)
     flat_params = cache.get("params")
     cache.clear()
@@ -209,10 +209,10 @@ def update_layers_batched(
     growable = per_layer.index_add(0, seg, (finite & ~mask).to(torch.int32)).to(torch.int64)
     n = torch.floor(fraction.to(torch.float64) * nnz).to(torch.int64).clamp(min=0)
     n = torch.minimum(torch.minimum(n, caps_t), growable)
-    dropped = segment_top(drop_keys, seg, torch.minimum(n, nnz))
+    dropped = segment_top_(drop_keys, seg, torch.minimum(n, nnz))
     del drop_keys
     kept = mask & ~dropped
-    grown = segment_top(order_keys_(_float32_owned(grow_scores), finite & ~kept), seg, n)
+    grown = segment_top_(order_keys_(_float32_owned(grow_scores), finite & ~kept), seg, n)
     del grow_scores
     new_mask = kept | grown
     new_masks = {nm: part.view(masks[nm].shape) for nm, part in zip(names, new_mask.split(sizes))}

@@ -74,6 +74,8 @@ def segment_ids(sizes: tuple, ids: Tensor) -> Tensor:
     """int32 ``[sum(sizes)]``: the segment of every entry, ``ids[l]`` repeated
     ``sizes[l]`` times (``ids``: int32 ``arange(L)`` on the target device). One
     ``cat`` of expanded views: one op, no host sync, no index tensor."""
+    if len(sizes) == 1:  # one segment: a stride-0 view, no memory
+        return ids[0].expand(sizes[0])
     return torch.cat([ids[i].expand(size) for i, size in enumerate(sizes)])
 
 
@@ -119,6 +121,12 @@ def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
         >>> segment_top(keys, seg, torch.tensor([2, 1])).tolist()
         [False, True, True, False, True, False]
     """
+    return segment_top_(keys.clone(), seg, count)
+
+
+def segment_top_(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
+    """:func:`segment_top` that reuses the memory of ``keys`` (overwritten): the
+    batched update's peak memory is a few bytes per weight lower."""
     num = count.shape[0]
     device = keys.device
     # Level 1: the top 16 bits, one histogram row per segment.
@@ -126,12 +134,11 @@ def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
     bucket1, above1, _ = _boundary(_histogram(bin1, num * _BINS).view(num, _BINS), count)
     digits = torch.arange(_BINS, dtype=torch.int32, device=device)
     cls1 = _classes(digits, bucket1).index_select(0, bin1)
-    del bin1
-    # Level 2: the low 16 bits of the boundary bucket's entries; the others go to the
-    # spare bins num*B (below) and num*B + 1 (above).
-    spare = (cls1 >> 1).to(torch.int32).add_(num * _BINS)
-    bin2 = torch.where(cls1 == 1, (keys & (_BINS - 1)).add_(seg, alpha=_BINS), spare)
-    del spare, cls1
+    # Level 2: the low 16 bits of the boundary bucket's entries (in the keys' memory);
+    # the others go to the spare bins num*B (below) and num*B + 1 (above).
+    bin2 = keys.bitwise_and_(_BINS - 1).add_(seg, alpha=_BINS)
+    bin2.masked_fill_(cls1 == 0, num * _BINS).masked_fill_(cls1 == 2, num * _BINS + 1)
+    del cls1
     hist2 = _histogram(bin2, num * _BINS + 2)
     need = count - above1.view(-1).to(count.dtype)
     bucket2, above2, ties = _boundary(hist2[: num * _BINS].view(num, _BINS), need)
@@ -139,9 +146,16 @@ def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
     cls2 = torch.cat([_classes(digits, bucket2), spare_classes]).index_select(0, bin2)
     # Ties: the first (need - above2) entries equal to the boundary key, in flat order.
     at = cls2 == 1
-    rank = torch.cumsum(at, 0, dtype=torch.int32)  # inclusive rank among all tie entries
     ties = ties.view(-1)
     last = torch.cumsum(ties, 0, dtype=torch.int32) - ties + (need - above2.view(-1)).to(torch.int32)
-    chosen = rank <= last.repeat_interleave(_BINS, output_size=num * _BINS).index_select(
-        0, bin2.clamp(max=num * _BINS - 1))
+    table = last.repeat_interleave(_BINS, output_size=num * _BINS)
+    if torch._C._functorch.is_batchedtensor(keys):  # vmap has no rule for out= and clamp_
+        del bin1
+        bin2 = bin2.clamp(max=num * _BINS - 1)
+        bound = table.index_select(0, bin2)
+        chosen = torch.cumsum(at, 0, dtype=torch.int32) <= bound
+    else:  # reuse bin1's and bin2's memory
+        bin2.clamp_(max=num * _BINS - 1)
+        bound = torch.index_select(table, 0, bin2, out=bin1)
+        chosen = torch.cumsum(at, 0, dtype=torch.int32, out=bin2) <= bound  # inclusive rank among tie entries
     return chosen.logical_and_(at).logical_or_(cls2 == 2)
