@@ -12,7 +12,8 @@ dense, rigl-torch's rule), ``ignore_linear_layers=False``, ``delta=100``,
   ``accumulate`` + ``update_topology`` + weight copy + optimizer-state reset + gradient
   masking.
 * **rigl_func core**: ``update_topology(params, grads, state, config)`` alone, on the
-  shell's state and config.
+  shell's state and config (``engine="auto"``), and with each engine forced
+  (``"batched"``: one flat segmented selection; ``"per_layer"``: a loop over layers).
 
 rigl-torch takes about 10 s per call on ResNet-50 on one CPU thread, so this benchmark
 uses at most 2 timed runs (and no warm-up for rigl-torch: it compiles nothing).
@@ -124,6 +125,9 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
         fns["rigl-torch"] = _at_update_step_rigl_torch(pruner, grads)
     fns["rigl_func shell"] = _at_update_step_ours(sched, grads)
     fns["rigl_func core"] = lambda: rigl_func.update_topology(core_params, grads, core_state, sched.config)
+    for engine in ("batched", "per_layer"):
+        fns[f"rigl_func core, {engine}"] = (lambda e=engine: rigl_func.update_topology(
+            core_params, grads, core_state, sched.config, engine=e))
     n_sparse = sum(m.numel() for m in sched.state.masks.values())
     repeats = min(ctx.repeats, 2)
     log(f"[{NAME}] {model_name}: {n_sparse:,} sparse weights; timing {', '.join(fns)} x {repeats} ...")
@@ -131,7 +135,8 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
                                warmed=("rigl-torch",))
     rt = timings.get("rigl-torch")
     rows = []
-    for name in ("rigl-torch", "rigl_func shell", "rigl_func core"):
+    for name in ("rigl-torch", "rigl_func shell", "rigl_func core", "rigl_func core, batched",
+                 "rigl_func core, per_layer"):
         if name not in timings:
             rows.append([name, rt_note or model_note or "skipped", "—", "—"])
             continue
