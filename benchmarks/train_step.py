@@ -11,8 +11,8 @@ dense; Linear layers sparse), ``delta=100``:
   (``rigl_func.RigLScheduler``).
 * **functional**: ``torch.func.functional_call`` + ``torch.autograd.grad``,
   ``rigl_func.accumulate``, ``update_topology`` + ``reset_optimizer_state`` on update
-  steps, else a masked SGD step (``torch._foreach_*`` over all params; gradients of
-  sparse layers masked with one ``torch.where`` each).
+  steps, else ``rigl_func.functional_optim.sgd``'s masked step (the gradients of all
+  sparse layers masked in one batched pass, then ``torch._foreach_*`` over all params).
 * **rigl-torch**: like the shell with rigl-torch 0.5.2's ``RigLScheduler``.
 
 A *plain* step is iteration 50 of the 100-step window, an *update* step is iteration
@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import rigl_func
+from rigl_func.functional_optim import sgd
 from benchmarks.common import (
     Context,
     Section,
@@ -106,7 +107,9 @@ class _RiglTorch(_Variant):
 
 
 class _Functional:
-    """The loop of README's functional example, with foreach SGD-momentum."""
+    """The loop of README's functional example, with the masked functional SGD-momentum
+    (:func:`rigl_func.functional_optim.sgd`: one batched gradient-masking pass, then
+    ``torch._foreach_*`` ops)."""
 
     def __init__(self, model: nn.Module, batch) -> None:
         self.model, (self.x, self.y) = model, batch
@@ -115,33 +118,25 @@ class _Functional:
         params = {n: p.detach() for n, p in model.named_parameters()}
         self.buffers = dict(model.named_buffers())
         self.state = rigl_func.init_state(model, self.cfg, seed=0)
-        self.names = list(params)
-        self.params = [p.requires_grad_(True) for p in rigl_func.apply_masks(params, self.state.masks).values()]
-        self.momentum = [torch.zeros_like(p) for p in self.params]
-        self.masks = [self.state.masks.get(n) for n in self.names]
+        self.opt = sgd(LR, momentum=MOMENTUM)
+        self.params = {n: p.clone().requires_grad_(True)
+                       for n, p in rigl_func.apply_masks(params, self.state.masks).items()}
+        self.opt_state = self.opt.init(self.params)
 
     def step(self, t: int) -> None:
         self.state = self.state._replace(step=torch.full_like(self.state.step, t - 1))
-        tree = dict(zip(self.names, self.params))
-        loss = F.cross_entropy(functional_call(self.model, (tree, self.buffers), (self.x,)), self.y)
-        grads = list(torch.autograd.grad(loss, self.params))
-        grad_tree = dict(zip(self.names, grads))
-        self.state = rigl_func.accumulate(self.state, grad_tree, self.cfg)
+        loss = F.cross_entropy(functional_call(self.model, (self.params, self.buffers), (self.x,)), self.y)
+        grads = dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()))))
+        self.state = rigl_func.accumulate(self.state, grads, self.cfg)
         with torch.no_grad():
             if rigl_func.is_update_step(t, self.cfg):  # Python int: no device sync
                 old = self.state.masks
-                new, self.state = rigl_func.update_topology({n: p.detach() for n, p in tree.items()}, grad_tree,
+                new, self.state = rigl_func.update_topology({n: p.detach() for n, p in self.params.items()}, grads,
                                                             self.state, self.cfg)
-                mom = rigl_func.reset_optimizer_state(dict(zip(self.names, self.momentum)), old, self.state.masks)
-                self.momentum = [mom[n] for n in self.names]
-                self.masks = [self.state.masks.get(n) for n in self.names]
-                self.params = [new[n].requires_grad_(True) for n in self.names]
-                return
-            grads = [g if m is None else torch.where(m, g, 0.0) for g, m in zip(grads, self.masks)]
-            torch._foreach_mul_(self.momentum, MOMENTUM)
-            torch._foreach_add_(self.momentum, grads)
-            params = [p.detach() for p in self.params]
-            torch._foreach_add_(params, self.momentum, alpha=-LR)
+                self.opt_state = rigl_func.reset_optimizer_state(self.opt_state, old, self.state.masks)
+            else:
+                new, self.opt_state = self.opt.step(self.params, grads, self.opt_state, self.state.masks)
+        self.params = {n: p.requires_grad_(True) for n, p in new.items()}
 
 
 def _first_layer(model: nn.Module) -> str:
@@ -272,20 +267,20 @@ def _plot_path():
 
 
 NOTES = """\
-- **What the shell adds to a plain step** (`rigl_func.RigLScheduler`): a post-accumulate-grad
-  hook per sparse weight that zeroes its gradient at inactive entries, and after
-  `optimizer.step()` one in-place re-masking of the weights. Each is one
-  `torch.where(mask, x, 0, out=x)` pass over the sparse weights with a 1-byte bool mask (about
-  1.4x faster on the CPU than `masked_fill_(~mask, 0)`, and no `~mask` temporary). The
-  optimizer state is not re-masked after SGD/Adam/AdamW steps, which provably keep it zero
-  (`rigl_func.optim.preserves_zeros`); gradients are masked once, not twice, when
-  `torch.distributed` is not initialized. Nothing syncs with the device (counters are
-  Python ints).
+- **What the shell adds to a plain step** (`rigl_func.RigLScheduler`): one masking pass over
+  the gradients of all sparse layers at the end of `backward()` (a callback queued by the
+  grad hook), batched: pack (`torch._chunk_cat`), one `torch.where(flat_mask, flat, zero,
+  out=flat)` with the masks packed once per topology change, one `torch._foreach_copy_`
+  back -- 3 kernel launches (plus the step counter) whatever the number of layers
+  (`tests/test_masking_launches.py`). After `optimizer.step()` nothing is re-masked for
+  SGD/Adam/AdamW: with masked gradients and zero state they keep inactive weights and
+  state exactly zero (`rigl_func.optim.preserves_zeros`). Nothing syncs with the device
+  (counters are Python ints).
 - **rigl-torch** multiplies gradients, weights and momentum by the mask every step (three
   passes); its update step sorts every layer completely (see the rigl-torch section).
-- **Functional**: no hooks; gradients of sparse layers are masked with one `torch.where`
-  each and SGD runs as `torch._foreach_*` ops. Weights stay exactly zero at inactive entries
-  because their gradient and momentum are zero there.
+- **Functional**: no hooks; `rigl_func.functional_optim.sgd` masks the gradients of all
+  sparse layers in one batched pass and runs SGD as `torch._foreach_*` ops. Weights stay
+  exactly zero at inactive entries because their gradient and momentum are zero there.
 - On the CPU a bool-masked pass costs several times an `add_` of the same size (the mask
   load does not vectorize as well), so the overhead is set by the number of masked passes
   over the weights relative to the step's arithmetic: small for ResNet-18 (convolutions

@@ -23,6 +23,7 @@ from rigl_func.masks import (
     validate_masks,
 )
 from rigl_func.flops import forward_flops, relative_flops
+from rigl_func.functional_optim import AdamW, AdamWState, SGD, SGDState, adamw, sgd
 from rigl_func.optim import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
 from rigl_func.pruning import (
     PruningConfig,
@@ -113,4 +114,10 @@ __all__ = [
     "summary",
     "turnover",
     "update_ever_active",
+    "SGD",
+    "SGDState",
+    "AdamW",
+    "AdamWState",
+    "sgd",
+    "adamw",
 ]

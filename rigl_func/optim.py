@@ -9,6 +9,10 @@ Positions kept across an update (including dropped-and-regrown ones) keep their 
   parameter name (functional optimizers, ``torch.func`` loops).
 * :func:`reset_torch_optimizer_state_` / :func:`mask_torch_optimizer_state_` edit a
   ``torch.optim`` optimizer in place (trailing underscore, PyTorch's convention).
+
+Every function masks all layers and moments in one batched pass (pack, one masked
+fill, one multi-tensor copy back): the number of kernel launches does not grow with
+the number of layers.
 """
 
 from __future__ import annotations
@@ -19,20 +23,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rigl_func.masks import map_masked_leaves
+from rigl_func.masks import map_masked_leaves_batched, masked_where
 
 __all__ = ["reset_optimizer_state", "reset_torch_optimizer_state_", "mask_torch_optimizer_state_",
-           "preserves_zeros"]
+           "preserves_zeros", "zero_inactive_list_"]
 
 
 def _keep(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``old & new`` per key, in one ``&`` per device (views of one new buffer)."""
     if set(old) != set(new):
         raise ValueError(f"old_masks and new_masks must have the same keys, got {sorted(old)} and {sorted(new)}")
-    return {k: old[k] & new[k] for k in new}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, m in new.items():
+        by_device.setdefault(m.device, []).append(k)
+    keep = {}
+    for names in by_device.values():
+        if len(names) == 1:
+            keep[names[0]] = old[names[0]] & new[names[0]]
+            continue
+        flat = torch.cat([old[k].reshape(-1) for k in names]) & torch.cat([new[k].reshape(-1) for k in names])
+        for k, chunk in zip(names, flat.split([new[k].numel() for k in names])):
+            keep[k] = chunk.view(new[k].shape)
+    return {k: keep[k] for k in new}
 
 
 def reset_optimizer_state(opt_state: Any, old_masks: Mapping[str, Tensor], new_masks: Mapping[str, Tensor]) -> Any:
     """Zero optimizer moments except where a connection was active before *and* after.
+
+    All moments of the tree are reset together (:func:`rigl_func.masks.masked_where`):
+    a constant number of kernel launches per (dtype, device), however many layers and
+    moments.
 
     Args:
         opt_state: pytree (dicts/lists/tuples/NamedTuples) whose leaves keyed by a
@@ -49,22 +69,44 @@ def reset_optimizer_state(opt_state: Any, old_masks: Mapping[str, Tensor], new_m
         >>> reset_optimizer_state({"mom": {"w": torch.ones(3)}}, old, new)["mom"]["w"]
         tensor([1., 0., 0.])
     """
-    keep = _keep(old_masks, new_masks)
-    return map_masked_leaves(
-        opt_state, keep, lambda t, m: torch.where(m, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    )
+    return map_masked_leaves_batched(opt_state, _keep(old_masks, new_masks), masked_where)
+
+
+@torch.no_grad()
+def zero_inactive_list_(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    """In place: ``tensors[i]`` is exactly 0 where ``masks[i]`` is False (NaN/inf too).
+
+    Per (dtype, device) group: one pack (``cat``), one ``masked_fill_`` under the
+    negated packed masks and one same-dtype ``torch._foreach_copy_`` back, so the
+    number of kernel launches does not grow with the number of tensors.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for idx in groups.values():
+        ts = [tensors[i] for i in idx]
+        if len(ts) == 1:
+            ts[0].masked_fill_(masks[idx[0]].logical_not(), 0)
+            continue
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        flat.masked_fill_(torch.cat([masks[i].reshape(-1) for i in idx]).logical_not_(), 0)
+        torch._foreach_copy_(ts, [c.view(t.shape) for c, t in zip(flat.split([t.numel() for t in ts]), ts)])
 
 
 def _edit_torch_state_(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    tensors, keeps = [], []
     for name, keep in masks.items():
         state = optimizer.state.get(params[name])
         if not state:
             continue
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == keep.shape:
-                torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device), out=value)
+                tensors.append(value)
+                keeps.append(keep)
+    if tensors:
+        zero_inactive_list_(tensors, keeps)
 
 
 @torch.no_grad()
