@@ -1,0 +1,87 @@
+"""Regression tests for issue 12 (user on an H100 with torch 2.11)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+import rigl_func
+from rigl_func import RigLConfig, accumulate, apply_masks, init_state, update_topology
+
+
+def _stack(trees):
+    flats = [tree_flatten(t) for t in trees]
+    spec = flats[0][1]
+    assert all(f[1] == spec for f in flats)
+    return tree_unflatten([torch.stack(xs) for xs in zip(*(f[0] for f in flats))], spec)
+
+
+def _index(tree, i):
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([x[i] for x in leaves], spec)
+
+
+def _assert_same(a, b):
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------
+# Item 1: vmap with structure="n:m" (``_order_keys`` used a dtype view).
+
+def test_vmap_update_topology_n_m_equals_loop():
+    cfg = RigLConfig(t_end=40, delta=5, sparsity=0.5, structure="n:m", n_m=(2, 4), alpha=0.6)
+    params, grads, states = [], [], []
+    gen = torch.Generator().manual_seed(5)
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+        p = {k: v.detach().clone() for k, v in model.named_parameters()}
+        s = init_state(p, cfg, seed=i)
+        p = apply_masks(p, s.masks)
+        for _ in range(5):
+            g = {k: torch.randn(v.shape, generator=gen) for k, v in p.items()}
+            s = accumulate(s, g, cfg)
+        params.append(p), grads.append(g), states.append(s)
+    out_params, out_state = vmap(update_topology, in_dims=(0, 0, 0, None))(
+        _stack(params), _stack(grads), _stack(states), cfg)
+    changed = 0
+    for i in range(2):
+        ref_params, ref_state = update_topology(params[i], grads[i], states[i], cfg)
+        _assert_same(_index(out_params, i), ref_params)
+        _assert_same(_index(out_state, i), ref_state)
+        changed += sum(int((ref_state.masks[n] != states[i].masks[n]).sum()) for n in ref_state.masks)
+    assert changed > 0
+
+
+def test_order_keys_vmap_path_bit_identical():
+    """The view-free keys used under vmap equal the dtype-view keys, bit for bit."""
+    from rigl_func.selection import _order_keys
+
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan"), -float("nan"),
+                            1e-45, -1e-45, 2.0**-126, -2.0**-126, 2.0**-127, 1.1754942e-38,
+                            3.4028235e38, -3.4028235e38])
+    values = torch.cat([bits.view(torch.float32), special]).reshape(8, -1)
+    ref = torch.stack([_order_keys(row) for row in values])
+    assert torch.equal(vmap(_order_keys)(values), ref)
+
+
+def test_vmap_n_m_without_view_dtype_batching_rule(monkeypatch):
+    """Emulates torch releases where ``Tensor.view(dtype)`` has no vmap batching rule."""
+    real_view = torch.Tensor.view
+
+    def view(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.dtype) and torch._C._functorch.is_batchedtensor(self):
+            raise RuntimeError("Batching rule not implemented for aten::view.dtype")
+        return real_view(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "view", view)
+    test_vmap_update_topology_n_m_equals_loop()
