@@ -59,6 +59,8 @@ def _check(scores: Tensor, mask: Tensor, n: Count, max_n: Optional[int]) -> None
 
 def _is_batched(values: Tensor) -> bool:
     """Whether ``values`` is a ``torch.func.vmap`` batched tensor (False if undetectable)."""
+    if torch.compiler.is_compiling():  # dynamo would graph-break on the check
+        return False
     is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
     return bool(is_batched(values)) if is_batched is not None else False
 
