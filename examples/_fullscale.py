@@ -236,10 +236,12 @@ def _rng_states() -> dict:
 
 
 def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
+    # RNG states are CPU ByteTensors; a checkpoint loaded with map_location="cuda"
+    # moves them to the GPU, and torch.set_rng_state rejects those: move them back.
+    torch.set_rng_state(states["torch"].cpu())
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 def train(args: argparse.Namespace, build_model: Callable[[], nn.Module], train_data: Dataset, val_data: Dataset,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.func import vmap
@@ -85,3 +86,48 @@ def test_vmap_n_m_without_view_dtype_batching_rule(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "view", view)
     test_vmap_update_topology_n_m_equals_loop()
+
+
+# ---------------------------------------------------------------------------------
+# Item 2: examples/_fullscale.py resume with map_location=cuda (RNG states moved off the CPU).
+
+class _NotOnCpu(torch.Tensor):
+    """Stands in for an RNG state that ``torch.load(map_location="cuda")`` moved to the GPU."""
+
+    def cpu(self, *args, **kwargs):
+        return torch.Tensor(self).as_subclass(torch.Tensor)
+
+
+def _strict(real):
+    """``torch.set_rng_state`` as it behaves for a state that is not a CPU ByteTensor."""
+    def check(state):
+        if type(state) is not torch.Tensor or state.device.type != "cpu" or state.dtype != torch.uint8:
+            raise TypeError("RNG state must be a torch.ByteTensor")
+        return real(state)
+    return check
+
+
+def test_fullscale_set_rng_states_moves_states_to_cpu(monkeypatch):
+    import io
+    import random
+
+    from conftest import load_example
+
+    fullscale = load_example("_fullscale")
+    torch.manual_seed(3)
+    random.seed(3)
+    buf = io.BytesIO()
+    torch.save({"rng": fullscale._rng_states()}, buf)
+    buf.seek(0)
+    states = torch.load(buf, map_location="cpu", weights_only=False)["rng"]
+    expected = (torch.rand(4), random.random())
+    states["torch"] = states["torch"].as_subclass(_NotOnCpu)
+    cuda_seen = []
+    states["cuda"] = [states["torch"].clone().as_subclass(_NotOnCpu)]
+    monkeypatch.setattr(torch, "set_rng_state", _strict(torch.set_rng_state))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda ss: cuda_seen.extend(_strict(lambda s: s)(s) for s in ss))
+    fullscale._set_rng_states(states)
+    assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+    assert len(cuda_seen) == 1 and type(cuda_seen[0]) is torch.Tensor
