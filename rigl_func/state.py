@@ -138,7 +138,8 @@ def init_state(
         nnz = target_nnz(shapes, config)
         devices = {n: params[n].device for n in names}
         if config.structure == "n:m":
-            masks = init_masks_n_m(shapes, config.n_m, generator=generator, device=devices)
+            masks = {k: m.contiguous() for k, m in init_masks_n_m(shapes, config.n_m, generator=generator,
+                                                                   device=devices).items()}
         elif config.structure == "block":
             masks = init_masks_block(shapes, nnz, config.block, generator=generator, device=devices)
         else:

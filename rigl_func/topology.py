@@ -106,6 +106,7 @@ def update_layer(
         new_mask = update_mask_block(drop_scores, grow_scores, mask, fraction, max_n=max_n, block=block)
     else:
         raise ValueError(f"structure must be 'unstructured', 'n:m' or 'block', got structure={structure!r}")
+    new_mask = new_mask.contiguous()  # regrouped (einops) masks may come back permuted: keep one layout
     return _init_grown(param, grad, mask, new_mask, extras, grow_init, grow_init_scale), new_mask
 
 
