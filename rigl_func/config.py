@@ -202,6 +202,11 @@ class RigLConfig:
             raise ValueError(f"schedule_power must be finite and > 0, got schedule_power={self.schedule_power!r}")
         if self.grow_criterion == "ema" and self.ema_momentum == 0.0:
             raise ValueError("grow_criterion='ema' needs ema_momentum in (0, 1), got ema_momentum=0.0")
+        if self.grad_accumulation_n == 1 and self.delta == 1:  # the default n: blame delta
+            raise ValueError(
+                f"delta must be >= 2 (grad_accumulation_n={self.grad_accumulation_n} must be < delta), "
+                f"got delta={self.delta}"
+            )
         if not 1 <= self.grad_accumulation_n < self.delta:
             raise ValueError(
                 f"grad_accumulation_n must be in [1, delta={self.delta}), "

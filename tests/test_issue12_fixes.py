@@ -131,3 +131,14 @@ def test_fullscale_set_rng_states_moves_states_to_cpu(monkeypatch):
     fullscale._set_rng_states(states)
     assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
     assert len(cuda_seen) == 1 and type(cuda_seen[0]) is torch.Tensor
+
+
+# ---------------------------------------------------------------------------------
+# Item 3: RigLConfig(delta=1) blamed grad_accumulation_n, which the user never set.
+
+def test_delta_one_error_names_delta():
+    with pytest.raises(ValueError, match=r"^delta must be >= 2 .*got delta=1$"):
+        RigLConfig(t_end=100, delta=1)
+    with pytest.raises(ValueError, match=r"grad_accumulation_n must be in \[1, delta=2\), got grad_accumulation_n=2"):
+        RigLConfig(t_end=100, delta=2, grad_accumulation_n=2)
+    RigLConfig(t_end=100, delta=2)
