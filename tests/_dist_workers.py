@@ -307,6 +307,7 @@ FSDP_CASES = (("rigl", 1), ("snfs", 1), ("rigl", 3))
 
 def fsdp_run(rank: int, world: int, method: str, k: int):
     """RigL on a ``fully_shard``-ed model with torch.optim.SGD; returns (masks per update, full params)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from rigl_func import fsdp as rfs
@@ -319,16 +320,21 @@ def fsdp_run(rank: int, world: int, method: str, k: int):
         for n, p in net.named_parameters():
             if n in state.masks:
                 p.mul_(state.masks[n])
+    # fully_shard's default mesh is on the accelerator when there is one (cuda:0 on a GPU
+    # machine), while this test, its gloo group and its unsharded reference run on the CPU.
+    mesh = init_device_mesh("cpu", (world,))
     for layer in net:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(net)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     params = dict(net.named_parameters())
     assert all(type(p).__name__ == "DTensor" for p in params.values())
+    device = next(iter(params.values())).device
+    assert device.type == "cpu", device
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     history = []
     for t in range(1, STEPS + 1):
-        x, y = batch(t, rank, world, B)
+        x, y = (v.to(device) for v in batch(t, rank, world, B))  # inputs follow the model's device
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         grads = {n: p.grad for n, p in params.items()}

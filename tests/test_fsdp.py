@@ -1,6 +1,7 @@
 """RigL on FSDP2-sharded parameters (``rigl_func.fsdp``), 2 processes, gloo, CPU.
 
-``fully_shard`` runs on CPU with gloo in torch 2.13/2.14, so this is a real test: a
+``fully_shard`` runs on CPU with gloo in torch 2.13/2.14, so this is a real test (on an
+explicit CPU device mesh: the default mesh is on ``cuda:0`` when a GPU is present): a
 float64 MLP whose Linear layers are each ``fully_shard``-ed is trained with
 ``torch.optim.SGD`` (momentum) on DTensor parameters; every rank gathers the sparse
 layers at an update (:func:`rigl_func.fsdp.update_topology_sharded`) and keeps its
