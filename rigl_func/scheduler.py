@@ -315,7 +315,9 @@ class RigLScheduler:
     def _end_of_backward(self) -> None:
         """Queued by the grad hook; runs once at the end of a backward pass."""
         self._queued = None
-        if not self._dense_next:
+        # Under torch.distributed an all-reduce (DDP, possibly on bucket views of these very
+        # gradients) may still be in flight: leave them alone, __call__ masks them after it.
+        if not self._dense_next and not U.is_distributed():
             U.mask_grads_(self._params, self._groups)
             self._clean = self._masked = True
 
