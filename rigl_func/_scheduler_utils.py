@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,9 @@ __all__ = [
     "unwrap_model",
     "needs_dense_grads",
     "is_distributed",
-    "zero_inactive_",
+    "MaskGroup",
+    "pack_masks",
+    "zero_inactive_packed_",
     "mask_grads_",
     "mask_weights_",
     "broadcast_masks",
@@ -226,30 +229,114 @@ def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-@torch.no_grad()
-def zero_inactive_(tensor: Tensor, mask: Tensor) -> None:
-    """In place: ``tensor`` is exactly 0 where ``mask`` is False (NaN/inf there too).
+class MaskGroup(NamedTuple):
+    """The masks of the sparse weights of one (device, dtype), packed for batched passes.
 
-    One ``torch.where(mask, tensor, 0, out=tensor)`` pass: no ``~mask`` temporary and,
-    on the CPU, about 1.4x faster than ``masked_fill_(~mask, 0)`` (benchmarks/train_step).
+    Built by :func:`pack_masks` whenever the masks change (init, load, update), never per
+    step. ``flat`` is the only copy of the masks: the state's per-layer masks are views
+    of it, so packing costs no persistent memory (1 byte per sparse weight in all).
     """
-    torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
+    flat: Tensor  # bool [sum(sizes)]: the masks of ``names``, concatenated in this order
+    zero: Tensor  # shape=(), the weights' dtype and device: ``torch.where``'s fill value, made once
+
+
+def _shared_flat(masks: list[Tensor]) -> Optional[Tensor]:
+    """The 1-D buffer the masks already are consecutive views of (e.g. masks returned as
+    ``split`` views of one flat buffer), else ``None``."""
+    first = masks[0]
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for m in masks:
+        if not m.is_contiguous() or m.untyped_storage().data_ptr() != ptr or m.storage_offset() != offset:
+            return None
+        offset += m.numel()
+    if offset > first.untyped_storage().nbytes():  # bool: 1 byte per element
+        return None
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+
+
+def pack_masks(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]
+               ) -> tuple[dict[str, Tensor], tuple[MaskGroup, ...]]:
+    """Group the masks by their weights' (device, dtype) and pack each group into one flat
+    bool buffer (reused as is when the masks already are consecutive views of one).
+
+    Args:
+        masks: name -> bool mask (the state's masks), in model order.
+        params: name -> the live weights (their dtype and device pick the group).
+
+    Returns:
+        ``(views, groups)``: the same masks as views of the groups' flat buffers (store
+        them in the state so that no second copy is kept), and the groups.
+    """
+    by_key: dict[tuple, list[str]] = {}
+    for name in masks:
+        p = params[name]
+        by_key.setdefault((p.device, p.dtype), []).append(name)
+    views, groups = {}, []
+    for (device, dtype), names in by_key.items():
+        ms = [masks[n] for n in names]
+        flat = _shared_flat(ms)
+        if flat is None:
+            flat = torch.cat([m.reshape(-1) for m in ms])
+        sizes = tuple(m.numel() for m in ms)
+        shapes = tuple(m.shape for m in ms)
+        for name, chunk, shape in zip(names, flat.split(sizes), shapes):
+            views[name] = chunk.view(shape)
+        groups.append(MaskGroup(tuple(names), shapes, sizes, flat, torch.zeros((), dtype=dtype, device=device)))
+    return {n: views[n] for n in masks}, tuple(groups)
+
+
+_chunk_cat = getattr(torch, "_chunk_cat", None)
+
+
+def _flat_cat(tensors: list[Tensor]) -> Tensor:
+    # One launch that flattens and concatenates (torch >= 2.4; FSDP2 packs with it);
+    # otherwise a view per tensor and one cat.
+    if _chunk_cat is not None:
+        return _chunk_cat(tensors, 0, 1).view(-1)
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 @torch.no_grad()
-def mask_grads_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+def zero_inactive_packed_(tensors: list[Tensor], group: MaskGroup) -> None:
+    """In place: ``tensors`` (aligned with ``group.names``, the group's dtype) are exactly 0
+    where the masks are False, NaN/inf there included.
+
+    Three kernel launches whatever the number of layers: pack (``_chunk_cat``), one
+    ``torch.where(flat_mask, flat, zero, out=flat)``, and one same-dtype
+    ``torch._foreach_copy_`` back (the multi-tensor fast path on CUDA). One tensor:
+    a single ``torch.where`` in place.
+    """
+    if len(tensors) == 1:
+        t = tensors[0]
+        torch.where(group.flat.view(t.shape), t, group.zero, out=t)
+        return
+    flat = _flat_cat(tensors)
+    torch.where(group.flat, flat, group.zero, out=flat)
+    torch._foreach_copy_(tensors, [c.view(s) for c, s in zip(flat.split(group.sizes), group.shapes)])
+
+
+@torch.no_grad()
+def mask_grads_(params: Mapping[str, Tensor], groups: tuple[MaskGroup, ...]) -> None:
     """In place: ``param.grad`` is exactly 0 at inactive entries (``None`` grads skipped)."""
-    for name, mask in masks.items():
-        grad = params[name].grad
-        if grad is not None:
-            zero_inactive_(grad, mask)
+    for group in groups:
+        grads = [params[n].grad for n in group.names]
+        if all(g is not None and g.dtype == group.zero.dtype for g in grads):
+            zero_inactive_packed_(grads, group)
+            continue
+        for g, m in zip(grads, group.flat.split(group.sizes)):  # some grads are missing: rare
+            if g is not None:
+                g.masked_fill_(m.view(g.shape).logical_not(), 0)
 
 
 @torch.no_grad()
-def mask_weights_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+def mask_weights_(params: Mapping[str, Tensor], groups: tuple[MaskGroup, ...]) -> None:
     """In place: inactive weights are exactly 0."""
-    for name, mask in masks.items():
-        zero_inactive_(params[name], mask)
+    for group in groups:
+        zero_inactive_packed_([params[n] for n in group.names], group)
 
 
 def broadcast_masks(masks: Mapping[str, Tensor], src: int = 0) -> dict[str, Tensor]:

@@ -15,21 +15,37 @@ edits of the live model and optimizer are the only thing it adds.
 
 Mechanics (no monkey-patching of ``optimizer.step``):
 
-* A ``register_post_accumulate_grad_hook`` on every sparse weight zeroes the gradient
-  of inactive entries after backward -- except on the iterations whose dense gradient
-  an update needs (the update step and the ``grad_accumulation_n - 1`` before it).
-  There the gradient is left dense and read *lazily* in ``__call__``, after
-  ``backward()`` has returned; under DDP that is after the all-reduce, so every rank
-  decides on the same averaged gradient. No dense copy is kept: with
-  ``grad_accumulation_n == 1`` the update reads ``param.grad`` itself, with more the
-  core's running mean is the only buffer. ``__call__`` then masks the gradients
-  where the hooks did not (dense iterations, update steps) and, under
-  ``torch.distributed``, again on every call, so they are zero at inactive entries
-  after every call whatever the hook order inside DDP. Without it a plain step costs
-  one masking pass over the gradients, not two.
-* ``optimizer.register_step_post_hook`` re-zeroes inactive weights after every
-  ``optimizer.step()``, and the optimizer state there too unless the optimizer provably
-  keeps it zero (SGD, Adam/AdamW with ``eps > 0``: :func:`rigl_func.optim.preserves_zeros`).
+* The masks of each (device, dtype) are packed into one flat bool buffer whenever they
+  change (init, load, update); the state's per-layer masks are views of it, so this
+  costs no memory. Every masking pass is batched over all layers: pack the tensors
+  (``torch._chunk_cat``), one ``torch.where(flat_mask, flat, zero, out=flat)`` with a
+  cached 0-d zero, one same-dtype ``torch._foreach_copy_`` back -- three kernel
+  launches however many layers.
+* One ``register_post_accumulate_grad_hook`` object on every sparse weight: the first
+  time it fires in a backward it queues one end-of-backward callback
+  (``Variable._execution_engine.queue_callback``); later firings only read a flag
+  (no tensor work). The callback masks all gradients at inactive entries in one
+  batched pass -- except on the iterations whose dense gradient an update needs (the
+  update step and the ``grad_accumulation_n - 1`` before it). There the gradient is
+  left dense and read *lazily* in ``__call__``, after ``backward()`` has returned;
+  under DDP that is after the all-reduce, so every rank decides on the same averaged
+  gradient. No dense copy is kept: with ``grad_accumulation_n == 1`` the update reads
+  ``param.grad`` itself, with more the core's running mean is the only buffer.
+  ``__call__`` masks the gradients where the callback did not (dense iterations,
+  update steps, no callback since the last call) and, under ``torch.distributed``,
+  again on every call, so they are zero at inactive entries after every call
+  whatever the hook order inside DDP. Gradients are masked (users clip them between
+  ``backward()`` and ``pruner()``; the invariant tests hold them zero).
+* ``optimizer.register_step_post_hook``: when the optimizer provably keeps zeros
+  (SGD, Adam/AdamW with ``eps > 0``: :func:`rigl_func.optim.preserves_zeros`) and the
+  gradients were masked, an entry whose weight, gradient and state are 0 stays 0, so
+  nothing is re-masked. Otherwise (another optimizer, or ``optimizer.step()`` after a
+  backward that :meth:`__call__` has not seen) the inactive weights are re-zeroed,
+  and the optimizer state too.
+
+A steady-state (non-update) SGD/Adam step therefore costs 3 + 1 kernel launches
+(grad masking, the step counter), independent of the number of layers, and no host
+sync (``tests/test_masking_launches.py``).
 """
 
 from __future__ import annotations
@@ -55,18 +71,27 @@ _ALL_LAYERS = RigLConfig(t_end=3, delta=2)
 
 
 class _GradMaskHook:
-    """Post-accumulate-grad hook of one sparse weight; also marks it as registered."""
+    """Post-accumulate-grad hook shared by all sparse weights; also marks them as
+    registered. The first firing in a backward queues one end-of-backward callback;
+    the others return after one flag test."""
 
-    __slots__ = ("scheduler", "name")
+    __slots__ = ("scheduler",)
 
-    def __init__(self, scheduler: RigLScheduler, name: str) -> None:
-        self.scheduler, self.name = scheduler, name
+    def __init__(self, scheduler: RigLScheduler) -> None:
+        self.scheduler = scheduler
 
-    @torch.no_grad()
     def __call__(self, param: Tensor) -> None:
         sched = self.scheduler
-        if not sched._dense_next and param.grad is not None:
-            U.zero_inactive_(param.grad, sched._state.masks[self.name])
+        task = _graph_task_id()
+        if sched._queued == task:
+            return
+        sched._queued, sched._clean = task, False
+        torch.autograd.Variable._execution_engine.queue_callback(sched._end_of_backward)
+
+
+# Id of the running backward pass (torch >= 2.1): a new backward queues its own callback
+# even when an earlier one raised before its callback ran.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
 
 def _registered_to(param: Tensor) -> Optional[RigLScheduler]:
@@ -184,8 +209,9 @@ class RigLScheduler:
             self._set_state(state_dict, step_device)
         else:
             self._install(init_state(module, self.config, seed=seed), 0, 0)
-        self._handles = [p.register_post_accumulate_grad_hook(_GradMaskHook(self, n))
-                         for n, p in self._params.items()]
+        self._queued: Optional[int] = None  # graph task whose end-of-backward callback is pending
+        hook = _GradMaskHook(self)
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self._params.values()]
         self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     # ------------------------------------------------------------------ setup
@@ -227,11 +253,16 @@ class RigLScheduler:
             check_state(state, {n: w for n, w in zip(self.layer_names, self.W)}, self.config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"state does not fit this model/config: {err}") from err
-        self._state, self._step, self._rigl_steps = state, step, rigl_steps
+        masks, self._groups = U.pack_masks(state.masks, self._params)
+        self._state, self._step, self._rigl_steps = state._replace(masks=masks), step, rigl_steps
         self._refresh()
-        U.mask_weights_(self._params, state.masks)
-        mask_torch_optimizer_state_(self.optimizer, self._params, state.masks)
-        U.mask_grads_(self._params, state.masks)
+        U.mask_weights_(self._params, self._groups)
+        mask_torch_optimizer_state_(self.optimizer, self._params, masks)
+        U.mask_grads_(self._params, self._groups)
+        # _clean: the gradients are masked and no optimizer state or weight has seen an
+        # unmasked one, so a zero-preserving optimizer step keeps inactive entries 0.
+        # _masked: a callback masked the gradients since the last __call__.
+        self._clean, self._masked = True, False
 
     def _refresh(self) -> None:
         # Python mirror of "does the next iteration need dense grads": no device sync.
@@ -252,49 +283,75 @@ class RigLScheduler:
             ``False`` on a RigL step (the update replaced the optimizer step: do not
             call ``optimizer.step()``), ``True`` otherwise.
         """
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
-        hooks_masked = not self._dense_next  # what the grad hooks did during this backward
-        self._state = accumulate(self._state, grads, self.config)
+        dense = self._dense_next  # this iteration's gradients were left dense for the update
+        masked, pending = self._masked, self._queued is not None  # pending: a backward raised
+        self._masked, self._queued = False, None
+        if dense:
+            grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
+            self._state = accumulate(self._state, grads, self.config)
+        else:
+            # Outside the accumulation window (and without SNFS's EMA) accumulate() only
+            # counts the step; with a static topology nothing reads what it would fold
+            # in. Either way: skip its per-layer pass over the gradients.
+            self._state = self._state._replace(step=self._state.step + 1)
         self._step += 1
         # No sparse layer (dense_allocation=1): nothing to update, so never skip the
         # optimizer step (rigl-torch returns False every delta steps even then).
         do_update = not self.static_topo and bool(self._params) and bool(is_update_step(self._step, self.config))
         if do_update:
+            if not dense:  # not reached with the core's schedules (an update step is in its window)
+                grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
             self._rigl_step_(grads)
-        # The hooks already masked this backward's gradients unless they were left dense
-        # or an all-reduce (DDP) may have run after the hooks: mask (again) only then.
-        if do_update or not hooks_masked or U.is_distributed():
-            U.mask_grads_(self._params, self._state.masks)
+        # The callback already masked this backward's gradients unless they were left
+        # dense, no callback ran (no backward, or it raised), or an all-reduce (DDP) may
+        # have run after it: mask (again) only then.
+        if do_update or dense or not masked or pending or U.is_distributed():
+            U.mask_grads_(self._params, self._groups)
+        self._clean = True
         self._refresh()
         return not do_update
+
+    @torch.no_grad()
+    def _end_of_backward(self) -> None:
+        """Queued by the grad hook; runs once at the end of a backward pass."""
+        self._queued = None
+        # Under torch.distributed an all-reduce (DDP, possibly on bucket views of these very
+        # gradients) may still be in flight: leave them alone, __call__ masks them after it.
+        if not self._dense_next and not U.is_distributed():
+            U.mask_grads_(self._params, self._groups)
+            self._clean = self._masked = True
 
     @torch.no_grad()
     def _rigl_step_(self, grads: Mapping[str, Tensor]) -> None:
         old_masks = self._state.masks
         params = {n: p.detach() for n, p in self._params.items()}
         new_params, self._state = update_topology(params, grads, self._state, self.config)
-        for name, p in self._params.items():
-            p.copy_(new_params[name])
-        reset_torch_optimizer_state_(self.optimizer, self._params, old_masks, self._state.masks)
+        masks, self._groups = U.pack_masks(self._state.masks, self._params)
+        self._state = self._state._replace(masks=masks)
+        torch._foreach_copy_(list(self._params.values()), [new_params[n] for n in self._params])
+        reset_torch_optimizer_state_(self.optimizer, self._params, old_masks, masks)
         self._rigl_steps += 1
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        U.mask_weights_(self._params, self._state.masks)
-        # The state is zero at inactive entries after __init__, load_state_dict and every
-        # update (reset_torch_optimizer_state_), and the gradients are masked; SGD/Adam/AdamW
-        # then keep it zero, so re-masking it would be one wasted pass per step.
-        if not preserves_zeros(optimizer):
-            mask_torch_optimizer_state_(optimizer, self._params, self._state.masks)
+        # Weights and state are zero at inactive entries after __init__, load_state_dict
+        # and every update (reset_torch_optimizer_state_); with masked gradients
+        # SGD/Adam/AdamW keep both zero (0 * anything finite, lr * 0 / (0 + eps)), so
+        # re-masking them would be wasted passes (tests/test_scheduler.py's invariant
+        # tests check weights, grads and moments after every step).
+        if self._clean and preserves_zeros(optimizer):
+            return
+        U.mask_weights_(self._params, self._groups)
+        mask_torch_optimizer_state_(optimizer, self._params, self._state.masks)
 
     # rigl-torch's public helpers, for scripts that call them.
     def apply_mask_to_weights(self) -> None:
         """In place: zero inactive weights."""
-        U.mask_weights_(self._params, self._state.masks)
+        U.mask_weights_(self._params, self._groups)
 
     def apply_mask_to_gradients(self) -> None:
         """In place: zero the gradients of inactive weights."""
-        U.mask_grads_(self._params, self._state.masks)
+        U.mask_grads_(self._params, self._groups)
 
     def reset_momentum(self) -> None:
         """In place: zero the optimizer state (momentum, Adam moments) at inactive entries."""
