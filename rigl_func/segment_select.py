@@ -31,13 +31,59 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["order_keys", "segment_top", "segment_ids", "NEVER"]
+__all__ = ["order_keys", "order_keys_", "ordered_int32_", "is_batched", "segment_top", "segment_top_", "segment_ids", "NEVER"]
 
 #: Key of an entry that must never be selected.
 NEVER = -(2**31)
 _BITS = 16
 _BINS = 1 << _BITS
 _INT32_MAGNITUDE = 0x7FFFFFFF
+
+
+def is_batched(values: Tensor) -> bool:
+    """Whether ``values`` is a ``torch.func.vmap`` batched tensor (False if undetectable
+    or while ``torch.compile`` traces: dynamo would graph-break on the check)."""
+    if torch.compiler.is_compiling():
+        return False
+    check = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(check(values)) if check is not None else False
+
+
+def _ordered_bits_without_view(values: Tensor) -> Tensor:
+    """``bits ^ ((bits >> 31) & 0x7FFFFFFF)`` of float32 ``values`` without a dtype view.
+
+    Bit-identical to the view formulation for every non-NaN float32 (NaN is
+    overwritten by the callers); ``-0.0`` must already be ``+0.0``. Only ops with vmap
+    batching rules (``torch.frexp`` et al.): ``Tensor.view(dtype)`` has none in some
+    torch releases (torch 2.11).
+    """
+    a = values.abs().to(torch.float64)  # exact
+    mant, exp = torch.frexp(a)  # a = mant * 2**exp, mant in [0.5, 1) (0 for a == 0)
+    exp = exp.to(torch.float64)
+    # normal (a >= 2**-126): biased exponent exp + 126, fraction mant * 2**24 - 2**23
+    normal = (exp + 125.0) * 2.0**23 + mant * 2.0**24
+    subnormal = a * 2.0**149  # biased exponent 0, fraction a / 2**-149 (exact)
+    magnitude = torch.where(a >= 2.0**-126, normal, subnormal)
+    magnitude = torch.where(torch.isinf(a), float(0x7F800000), magnitude).to(torch.int64)
+    ordered = torch.where(torch.signbit(values), -1 - magnitude, magnitude)
+    return ordered.to(torch.int32)
+
+
+def ordered_int32_(values: Tensor) -> Tensor:
+    """int32 whose signed order is the order of float32 ``values`` (``-0.0`` already
+    ``+0.0``; NaN keys are meaningless: callers overwrite them). Computed in the memory
+    of ``values`` (overwritten), except under ``vmap``, where a view-free formulation
+    returns a new tensor.
+
+    Example:
+        >>> ordered_int32_(torch.tensor([-2.0, -1.0, 0.0, 1.5])).tolist() == sorted(
+        ...     ordered_int32_(torch.tensor([-2.0, -1.0, 0.0, 1.5])).tolist())
+        True
+    """
+    if is_batched(values):
+        return _ordered_bits_without_view(values)
+    keys = values.view(torch.int32)
+    return keys.bitwise_xor_((keys >> 31).bitwise_and_(_INT32_MAGNITUDE))
 
 
 def order_keys(values: Tensor, eligible: Tensor) -> Tensor:
@@ -63,9 +109,7 @@ def order_keys(values: Tensor, eligible: Tensor) -> Tensor:
 def order_keys_(values: Tensor, eligible: Tensor) -> Tensor:
     """:func:`order_keys` computed in the memory of ``values`` (float32, overwritten)."""
     nan = values.isnan()
-    values.add_(0.0)  # -0.0 -> +0.0
-    keys = values.view(torch.int32)
-    keys.bitwise_xor_((keys >> 31).bitwise_and_(_INT32_MAGNITUDE))
+    keys = ordered_int32_(values.add_(0.0))  # -0.0 -> +0.0
     keys.masked_fill_(nan, _INT32_MAGNITUDE)
     return keys.masked_fill_(~eligible, NEVER)
 
@@ -149,7 +193,7 @@ def segment_top_(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
     ties = ties.view(-1)
     last = torch.cumsum(ties, 0, dtype=torch.int32) - ties + (need - above2.view(-1)).to(torch.int32)
     table = last.repeat_interleave(_BINS, output_size=num * _BINS)
-    if torch._C._functorch.is_batchedtensor(keys):  # vmap has no rule for out= and clamp_
+    if is_batched(keys):  # vmap has no rule for out= and clamp_
         del bin1
         bin2 = bin2.clamp(max=num * _BINS - 1)
         bound = table.index_select(0, bin2)

@@ -29,6 +29,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from rigl_func.segment_select import ordered_int32_
+
 __all__ = ["drop", "grow", "select_top"]
 
 Count = Union[int, Tensor]
@@ -57,43 +59,11 @@ def _check(scores: Tensor, mask: Tensor, n: Count, max_n: Optional[int]) -> None
         raise ValueError(f"max_n must be a non-negative int, got max_n={max_n!r}")
 
 
-def _is_batched(values: Tensor) -> bool:
-    """Whether ``values`` is a ``torch.func.vmap`` batched tensor (False if undetectable)."""
-    if torch.compiler.is_compiling():  # dynamo would graph-break on the check
-        return False
-    is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
-    return bool(is_batched(values)) if is_batched is not None else False
-
-
-def _float32_ordered_bits(values: Tensor) -> Tensor:
-    """``bits ^ ((bits >> 31) & 0x7FFFFFFF)`` of float32 ``values`` without a dtype view.
-
-    Bit-identical to the view formulation in :func:`_order_keys` for every non-NaN
-    float32 (NaN is overwritten by the caller); ``-0.0`` must already be ``+0.0``.
-    Only ops with vmap batching rules (``torch.frexp`` et al.): ``Tensor.view(dtype)``
-    has none in some torch releases (issue 12).
-    """
-    a = values.abs().to(torch.float64)  # exact
-    mant, exp = torch.frexp(a)  # a = mant * 2**exp, mant in [0.5, 1) (0 for a == 0)
-    exp = exp.to(torch.float64)
-    # normal (a >= 2**-126): biased exponent exp + 126, fraction mant * 2**24 - 2**23
-    normal = (exp + 125.0) * 2.0**23 + mant * 2.0**24
-    subnormal = a * 2.0**149  # biased exponent 0, fraction a / 2**-149 (exact)
-    magnitude = torch.where(a >= 2.0**-126, normal, subnormal)
-    magnitude = torch.where(torch.isinf(a), float(0x7F800000), magnitude).to(torch.int64)
-    ordered = torch.where(torch.signbit(values), -1 - magnitude, magnitude)
-    return ordered.to(torch.int32)
-
-
 def _order_keys(values: Tensor) -> Tensor:
     """Unique int64 keys, monotone in (values, -flat_index). values: float32, flat."""
     values = values + 0.0  # -0.0 -> +0.0 so that both zeros tie
-    if _is_batched(values):  # under vmap: no dtype view (no batching rule, issue 12)
-        ordered = _float32_ordered_bits(values)
-    else:
-        bits = values.view(torch.int32)
-        ordered = bits ^ ((bits >> 31) & _INT32_MAGNITUDE)  # monotone float32 -> int32
-    ordered = torch.where(torch.isnan(values), _INT32_MAGNITUDE, ordered)  # NaN ranks above +inf
+    nan = torch.isnan(values)
+    ordered = torch.where(nan, _INT32_MAGNITUDE, ordered_int32_(values))  # NaN ranks above +inf
     numel = values.shape[-1]
     rev_index = torch.arange(numel - 1, -1, -1, device=values.device, dtype=torch.int64)
     return ordered.to(torch.int64) * (2**32) + rev_index

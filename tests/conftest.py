@@ -101,3 +101,46 @@ def same_tree(a, b) -> bool:
         elif x != y:
             return False
     return True
+
+
+def stack_trees(trees):
+    """Stack K pytrees with the same structure leaf by leaf (``vmap`` inputs)."""
+    flats = [torch.utils._pytree.tree_flatten(t) for t in trees]
+    spec = flats[0][1]
+    assert all(f[1] == spec for f in flats)
+    return torch.utils._pytree.tree_unflatten([torch.stack(xs) for xs in zip(*(f[0] for f in flats))], spec)
+
+
+def index_tree(tree, i):
+    """Row ``i`` of every leaf of a stacked pytree."""
+    leaves, spec = torch.utils._pytree.tree_flatten(tree)
+    return torch.utils._pytree.tree_unflatten([x[i] for x in leaves], spec)
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def assert_trees_equal(a, b, *, bitwise: bool = False) -> None:
+    """Same structure, dtypes, shapes and values (``torch.equal``); with ``bitwise`` the
+    raw bits of float leaves are compared (NaN payloads and ``-0.0`` count)."""
+    la, sa = torch.utils._pytree.tree_flatten(a)
+    lb, sb = torch.utils._pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        if bitwise and x.is_floating_point():
+            x, y = x.view(_INT_VIEW[x.element_size()]), y.view(_INT_VIEW[y.element_size()])
+        assert torch.equal(x, y)
+
+
+@pytest.fixture
+def no_batched_dtype_view(monkeypatch):
+    """Emulates torch releases (2.11) where ``Tensor.view(dtype)`` has no vmap batching rule."""
+    real_view = torch.Tensor.view
+
+    def view(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.dtype) and torch._C._functorch.is_batchedtensor(self):
+            raise RuntimeError("Batching rule not implemented for aten::view.dtype")
+        return real_view(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "view", view)

@@ -27,23 +27,12 @@ from rigl_func.segment_select import order_keys, segment_ids, segment_top
 from rigl_func.selection import select_top
 from rigl_func.topology import update_topology_per_layer
 
-from conftest import clone_tree, same_tree
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from conftest import assert_trees_equal, clone_tree, same_tree, stack_trees
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of ``t`` (so NaN payloads and -0.0 compare exactly)."""
-    return t.view(_INT_VIEW[t.element_size()]) if t.is_floating_point() else t
 
 
-def _assert_bitwise(a, b) -> None:
-    la, sa = torch.utils._pytree.tree_flatten(a)
-    lb, sb = torch.utils._pytree.tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(_bits(x), _bits(y))
+
 
 
 def _values(gen: torch.Generator, shape, kind: str, dtype) -> torch.Tensor:
@@ -118,7 +107,7 @@ def test_batched_equals_per_layer_bitwise(case, device):
     before = clone_tree((params, grads, state))
     p1, s1 = rf.update_topology(params, grads, state, cfg, aux, engine="batched")
     p2, s2 = update_topology_per_layer(params, grads, state, cfg, aux)
-    _assert_bitwise((p1, s1), (p2, s2))
+    assert_trees_equal((p1, s1), (p2, s2), bitwise=True)
     assert same_tree((params, grads, state), before)  # pure
     target = rf.target_nnz({k: tuple(m.shape) for k, m in state.masks.items()}, cfg)
     assert {k: int(m.sum()) for k, m in s1.masks.items()} == target  # exact nnz per layer
@@ -141,7 +130,7 @@ def test_batched_equals_per_layer_over_many_updates(device):
             p1, s1 = rf.update_topology(p1, grads, s1, cfg, engine="batched")
             p2, s2 = update_topology_per_layer(p2, grads, s2, cfg)
     assert int(s1.num_updates) == 6
-    _assert_bitwise((p1, s1), (p2, s2))
+    assert_trees_equal((p1, s1), (p2, s2), bitwise=True)
 
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.sampled_from(["random", "ties", "nonfinite"]),
@@ -240,11 +229,12 @@ def test_engine_name_is_checked():
         rf.update_topology(params, params, state, cfg, engine="fast")
 
 
-def _stack(trees):
-    return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *trees)
 
 
-def test_batched_engine_under_vmap_equals_loop():
+@pytest.mark.parametrize("dtype_view", ["dtype view", "no batched dtype view (torch 2.11)"])
+def test_batched_engine_under_vmap_equals_loop(dtype_view, request):
+    if dtype_view != "dtype view":
+        request.getfixturevalue("no_batched_dtype_view")
     shapes = {"a.weight": (6, 5), "b.weight": (4, 6, 3)}
     cfg = rf.RigLConfig(t_end=100, delta=10, sparsity=0.8, distribution="erk", method="set")
     worlds = []
@@ -256,8 +246,8 @@ def test_batched_engine_under_vmap_equals_loop():
         worlds.append((rf.apply_masks(params, state.masks), grads, state))
     loop = [rf.update_topology(p, g, s, cfg, engine="batched") for p, g, s in worlds]
     fn = lambda p, g, s: rf.update_topology(p, g, s, cfg, engine="batched")  # noqa: E731
-    batched = torch.func.vmap(fn)(*[_stack([w[i] for w in worlds]) for i in range(3)])
-    _assert_bitwise(batched, _stack(loop))
+    batched = torch.func.vmap(fn)(*[stack_trees([w[i] for w in worlds]) for i in range(3)])
+    assert_trees_equal(batched, stack_trees(loop), bitwise=True)
 
 
 def test_batched_engine_compiles_fullgraph_without_recompiles():
@@ -277,5 +267,5 @@ def test_batched_engine_compiles_fullgraph_without_recompiles():
         state = state._replace(step=torch.tensor(5 * (step + 1)))
         eager = rf.update_topology(params, grads, state, cfg, engine="batched")
         params, state = compiled(params, grads, state)
-        _assert_bitwise((params, state), eager)
+        assert_trees_equal((params, state), eager, bitwise=True)
     assert backend.calls == 1

@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from conftest import assert_trees_equal as _assert_same, index_tree as _index, stack_trees as _stack  # shared test helpers
 from rigl_func import (
     RigLConfig,
     RigLState,
@@ -46,25 +46,10 @@ def _detached(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def _stack(trees):
-    flats = [tree_flatten(t) for t in trees]
-    spec = flats[0][1]
-    assert all(f[1] == spec for f in flats)
-    return tree_unflatten([torch.stack(xs) for xs in zip(*(f[0] for f in flats))], spec)
 
 
-def _index(tree, i):
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([x[i] for x in leaves], spec)
 
 
-def _assert_same(a, b):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(x, y)
 
 
 # ---------------------------------------------------------------------------------

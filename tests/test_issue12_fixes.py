@@ -6,31 +6,15 @@ import pytest
 import torch
 from torch import nn
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-import rigl_func
+from conftest import assert_trees_equal as _assert_same, index_tree as _index, stack_trees as _stack  # shared test helpers
 from rigl_func import RigLConfig, accumulate, apply_masks, init_state, update_topology
 
 
-def _stack(trees):
-    flats = [tree_flatten(t) for t in trees]
-    spec = flats[0][1]
-    assert all(f[1] == spec for f in flats)
-    return tree_unflatten([torch.stack(xs) for xs in zip(*(f[0] for f in flats))], spec)
 
 
-def _index(tree, i):
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([x[i] for x in leaves], spec)
 
 
-def _assert_same(a, b):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(x, y)
 
 
 # ---------------------------------------------------------------------------------
@@ -75,16 +59,8 @@ def test_order_keys_vmap_path_bit_identical():
     assert torch.equal(vmap(_order_keys)(values), ref)
 
 
-def test_vmap_n_m_without_view_dtype_batching_rule(monkeypatch):
+def test_vmap_n_m_without_view_dtype_batching_rule(no_batched_dtype_view):
     """Emulates torch releases where ``Tensor.view(dtype)`` has no vmap batching rule."""
-    real_view = torch.Tensor.view
-
-    def view(self, *args, **kwargs):
-        if args and isinstance(args[0], torch.dtype) and torch._C._functorch.is_batchedtensor(self):
-            raise RuntimeError("Batching rule not implemented for aten::view.dtype")
-        return real_view(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "view", view)
     test_vmap_update_topology_n_m_equals_loop()
 
 

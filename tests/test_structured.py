@@ -33,7 +33,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import rigl_func
 from rigl_func import (
@@ -48,7 +47,7 @@ from rigl_func import (
     update_layer,
     update_topology,
 )
-from conftest import clone_tree as _clone, m_ as _m, same_tree as _same, t_ as _t  # shared test helpers
+from conftest import clone_tree as _clone, index_tree as _index, m_ as _m, same_tree as _same, stack_trees as _stack, t_ as _t  # shared test helpers
 from rigl_func.structured import (
     check_structured_mask,
     group_n_m,
@@ -657,14 +656,8 @@ def test_pattern_holds_after_100_random_updates(structure, kw, device):
 K = 3
 
 
-def _stack(trees):
-    flats = [tree_flatten(t) for t in trees]
-    return tree_unflatten([torch.stack(xs) for xs in zip(*(f[0] for f in flats))], flats[0][1])
 
 
-def _index(tree, i):
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([x[i] for x in leaves], spec)
 
 
 STRUCTURED = [
