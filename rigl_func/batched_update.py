@@ -23,7 +23,7 @@ steps (the new params, ``grow_init``), so rounding is that of the per-layer path
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -68,29 +68,54 @@ def _flat(tensors: list[Tensor]) -> Tensor:
 
 def _flat_uniform(layer_keys: Tensor, seg: Tensor, offsets: Tensor, total: int) -> Tensor:
     """:func:`rigl_func.random.uniform` of every layer, concatenated (same bits)."""
-    seg = seg.to(torch.int64)
-    idx = torch.arange(total, dtype=torch.int64, device=seg.device) - offsets[seg]
-    key = layer_keys[seg]
+    idx = torch.arange(total, dtype=torch.int64, device=seg.device) - offsets.index_select(0, seg)
+    key = layer_keys.index_select(0, seg)
     bits = hash32(hash32(idx ^ key) + key)
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _scores(fn: Callable, which: str, names: tuple, params, growth, masks, extras: list, flat: dict) -> Tensor:
-    """Flat ``[N]`` scores of criterion ``fn`` over all layers."""
+class _Layers(NamedTuple):
+    """The layers of one update, in order, and what the flat criteria need."""
+
+    names: tuple
+    params: Mapping[str, Tensor]
+    growth: Mapping[str, Tensor]
+    masks: Mapping[str, Tensor]
+    extras: list
+    seg: Tensor  # int32 [N], segment of every entry
+    offsets: Tensor  # int64 [L]
+    layer_keys: Tensor  # int64 [L]
+    total: int
+
+
+def _scores(fn: Callable, layers: _Layers) -> Tensor:
+    """Flat ``[N]`` scores of criterion ``fn`` over all layers, in new memory (the
+    caller may overwrite them)."""
+    names = layers.names
     if fn is C.magnitude:
-        return flat["params"]().abs()  # flat params stay cached for the new params
+        return _flat([layers.params[n] for n in names]).abs_()
     if fn is C.gradient:
-        return flat["growth"]().abs_()  # a fresh cat: modified in place
+        return _flat([layers.growth[n] for n in names]).abs_()
     if fn is C.ema:
-        return _flat([e["ema"] for e in extras]).abs_()
+        return _flat([e["ema"] for e in layers.extras]).abs_()
     if fn is C.random:
-        return flat["uniform"]()
+        return _flat_uniform(layers.layer_keys, layers.seg, layers.offsets, layers.total)
     scores = []
-    for n, e in zip(names, extras):
-        s = call_criterion(fn, params[n], growth[n], masks[n], e)
-        _check(s, masks[n], 0, None)
+    for n, e in zip(names, layers.extras):
+        s = call_criterion(fn, layers.params[n], layers.growth[n], layers.masks[n], e)
+        _check(s, layers.masks[n], 0, None)
         scores.append(s)
     return _flat(scores)
+
+
+def layer_extras(name: str, key: Tensor, step: Tensor, ema: Mapping[str, Tensor],
+                 aux: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The ``extras`` a criterion sees for layer ``name`` (see :mod:`rigl_func.criteria`)."""
+    extras = {"key": key, "step": step}
+    if name in ema:
+        extras["ema"] = ema[name]
+    extras.update({tree_name: tree[name] for tree_name, tree in aux.items()})
+    return extras
 
 
 def _new_params(names: tuple, params, growth, masks, new_masks, mask: Tensor, new_mask: Tensor, sizes: tuple,
@@ -109,13 +134,15 @@ def _new_params(names: tuple, params, growth, masks, new_masks, mask: Tensor, ne
         groups.setdefault(params[n].dtype, []).append(i)
     keep, fresh = new_mask & mask, (new_mask & ~mask if grow_init == "gradient" else None)
     out: dict[str, Tensor] = {}
+    keep_parts = keep.split(sizes) if len(groups) > 1 else None
+    fresh_parts = fresh.split(sizes) if len(groups) > 1 and fresh is not None else None
     for dtype, idx in groups.items():
         group = [names[i] for i in idx]
         group_sizes = [sizes[i] for i in idx]
         keep_g, fresh_g = keep, fresh
-        if len(groups) > 1:  # this dtype's layers only
-            keep_g = torch.cat([keep.split(sizes)[i] for i in idx])
-            fresh_g = None if fresh is None else torch.cat([fresh.split(sizes)[i] for i in idx])
+        if keep_parts is not None:  # this dtype's layers only
+            keep_g = torch.cat([keep_parts[i] for i in idx])
+            fresh_g = None if fresh_parts is None else torch.cat([fresh_parts[i] for i in idx])
         if len(groups) == 1 and flat_params is not None and flat_params.dtype == dtype:
             values = flat_params.masked_fill_(~keep_g, 0)  # the flat copy made for the drop scores
         else:
@@ -135,7 +162,7 @@ def update_layers_batched(
     masks: Mapping[str, Tensor],
     fraction: Tensor,
     step_key: Tensor,
-    extras_base: Mapping[str, Tensor],
+    step: Tensor,
     layer_ids: tuple,
     caps: tuple,
     config,
@@ -149,7 +176,7 @@ def update_layers_batched(
         masks: bool tree of the sparse layers (all on one device).
         fraction: 0-d float64 drop fraction ``f(t)``.
         step_key: 0-d int64, ``fold_in(state.key, state.step)``.
-        extras_base: extras shared by every layer (``{"step": state.step}``).
+        step: 0-d int64, ``state.step`` (criteria read it from ``extras``).
         layer_ids: static 32-bit ids of the layers (:func:`rigl_func.random.layer_id`).
         caps: static ``topk`` sizes ``min(floor(alpha * N_target), numel)`` per layer.
         config: the :class:`rigl_func.RigLConfig` (criteria, grow init).
@@ -173,35 +200,19 @@ def update_layers_batched(
     sizes_t, offsets_t, ids_t, caps_t, seg_ids = _constants(device, sizes, tuple(layer_ids), tuple(caps))
     seg = segment_ids(sizes, seg_ids)
     layer_keys = fold_in(step_key, ids_t)
-    extras = []
-    for i, n in enumerate(names):
-        e = {"key": layer_keys[i], **extras_base}
-        if n in ema:
-            e["ema"] = ema[n]
-        e.update({tree_name: tree[n] for tree_name, tree in aux.items()})
-        extras.append(e)
-    cache: dict[str, Tensor] = {}
-
-    def lazy(name: str, make: Callable[[], Tensor]) -> Callable[[], Tensor]:
-        def get() -> Tensor:
-            if name not in cache:
-                cache[name] = make()
-            return cache[name]
-        return get
-
-    flat = {  # fresh tensors on every call (criteria overwrite them), except the params' copy
-        "params": lazy("params", lambda: _flat([params[n] for n in names])),
-        "growth": lambda: _flat([growth[n] for n in names]),
-        "uniform": lambda: _flat_uniform(layer_keys, seg, offsets_t, total),
-    }
+    extras = [layer_extras(n, layer_keys[i], step, ema, aux) for i, n in enumerate(names)]
+    layers = _Layers(names, params, growth, masks, extras, seg, offsets_t, layer_keys, total)
     drop_fn = resolve_criterion(config.drop_criterion, "drop_criterion")
     grow_fn = resolve_criterion(config.grow_criterion, "grow_criterion")
     mask = _flat([masks[n] for n in names])
-    drop_keys = order_keys_(_float32_owned(_scores(drop_fn, "drop", names, params, growth, masks, extras, flat)).neg_(),
-                            mask)
-    grow_scores = _scores(grow_fn, "grow", names, params, growth, masks, extras, flat)
-    flat_params = cache.get("params")
-    cache.clear()
+    if drop_fn is C.magnitude:  # keep the flat copy of the params: it becomes the new params
+        flat_params = _flat([params[n] for n in names])
+        drop_scores = flat_params.abs()
+    else:
+        flat_params, drop_scores = None, _scores(drop_fn, layers)
+    drop_keys = order_keys_(_float32_owned(drop_scores).neg_(), mask)
+    del drop_scores
+    grow_scores = _scores(grow_fn, layers)
 
     finite = grow_scores.isfinite()
     per_layer = torch.zeros(len(names), dtype=torch.int32, device=device)

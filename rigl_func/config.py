@@ -21,6 +21,7 @@ import math
 import numbers
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -69,6 +70,21 @@ def _is_sparse_name(config, name: str) -> bool:
     if any(re.search(p, name) for p in config.exclude):
         return False
     return not config.include or any(re.search(p, name) for p in config.include)
+
+
+#: id -> live config, for constant functions under torch.compile (see config_by_id).
+_LIVE_CONFIGS: "weakref.WeakValueDictionary[int, RigLConfig]" = weakref.WeakValueDictionary()
+
+
+def config_by_id(key: int) -> "RigLConfig":
+    """The live :class:`RigLConfig` whose ``id()`` is ``key``.
+
+    ``torch.compile`` can pass ``id(config)`` (a Python int, guarded on the object's
+    identity) to a ``torch.compiler.assume_constant_result`` function, where the config
+    itself cannot be passed on every torch release (torch 2.11: "can't reconstruct
+    arbitrary frozen dataclass instances") and its int fields may have become symbolic.
+    """
+    return _LIVE_CONFIGS[key]
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,14 @@ class RigLConfig:
     block: tuple[int, int] = (4, 4)
 
     def __post_init__(self) -> None:
+        _LIVE_CONFIGS[id(self)] = self  # see config_by_id
+        self._validate()
+
+    def __setstate__(self, state: dict) -> None:  # pickle / copy.deepcopy: no __post_init__
+        self.__dict__.update(state)
+        _LIVE_CONFIGS[id(self)] = self
+
+    def _validate(self) -> None:
         from rigl_func.criteria import resolve_criterion
         from rigl_func.distributions import get_distribution
         from rigl_func.structured import STRUCTURES
@@ -236,7 +260,7 @@ class RigLConfig:
             warnings.warn(
                 f"delta={self.delta} >= t_end={self.t_end}: no topology update will ever "
                 "happen (the masks stay static)",
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def is_sparse_name(self, name: str) -> bool:

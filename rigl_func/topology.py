@@ -34,8 +34,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from rigl_func.batched_update import update_layers_batched
-from rigl_func.config import CriterionSpec, RigLConfig
+from rigl_func.batched_update import layer_extras, update_layers_batched
+from rigl_func.config import CriterionSpec, RigLConfig, config_by_id
 from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, layer_id, normal
 from rigl_func.masks import target_nnz
@@ -165,23 +165,13 @@ def _init_grown(
     return torch.where(fresh, grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), new_param)
 
 
-_COUNT_FIELDS = ("t_end", "sparsity", "distribution", "delta", "alpha", "erk_power_scale", "structure", "n_m",
-                 "block", "method")
-
-
-def _config_key(config: RigLConfig) -> tuple:
-    """The config fields that fix the per-layer counts, as a tuple of plain values
-    (torch 2.11's dynamo cannot pass a frozen dataclass to a constant function)."""
-    return tuple((f, getattr(config, f)) for f in _COUNT_FIELDS)
-
-
 @torch.compiler.assume_constant_result
-def _static_layer_info(shapes: tuple, config_key: tuple) -> dict[str, int]:
+def _static_layer_info(shapes: tuple, config_id: int) -> dict[str, int]:
     """Static ``topk`` size per layer: ``floor(alpha * N_target)``. Plain Python on
-    shapes and the config's count fields, evaluated once at trace time under
-    ``torch.compile``."""
+    shapes and the config (passed by ``id``: :func:`rigl_func.config.config_by_id`),
+    evaluated once at trace time under ``torch.compile``."""
     shapes = dict(shapes)
-    config = RigLConfig(**dict(config_key))
+    config = config_by_id(config_id)
     expected = target_nnz(shapes, config)
     return {
         k: min(math.floor(config.alpha * expected[k]), math.prod(shapes[k])) for k in shapes
@@ -297,7 +287,7 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool):
     _check_tree(growth, state.masks, "state.grad_acc" if accumulating else "grads")
     fraction = drop_fraction(state.step, config)
     names = tuple(state.masks)
-    max_n = _static_layer_info(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), _config_key(config))
+    max_n = _static_layer_info(tuple((k, tuple(m.shape)) for k, m in state.masks.items()), id(config))
     ids = dict(zip(names, _layer_ids(names)))
     aux = {} if aux is None else aux
     for tree_name, tree in aux.items():
@@ -306,16 +296,13 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool):
     new_params = dict(params)
     if batched and config.structure == "unstructured" and names:
         layer_params, new_masks = update_layers_batched(
-            params, growth, state.masks, fraction, step_key, {"step": state.step},
+            params, growth, state.masks, fraction, step_key, state.step,
             tuple(ids[n] for n in names), tuple(max_n[n] for n in names), config, aux, state.ema)
         new_params.update(layer_params)
     else:
         new_masks = {}
         for name, mask in state.masks.items():
-            extras = {"key": fold_in(step_key, ids[name]), "step": state.step}
-            if name in state.ema:
-                extras["ema"] = state.ema[name]
-            extras.update({tree_name: tree[name] for tree_name, tree in aux.items()})
+            extras = layer_extras(name, fold_in(step_key, ids[name]), state.step, state.ema, aux)
             new_params[name], new_masks[name] = update_layer(
                 params[name], growth[name], mask, fraction, max_n=max_n[name],
                 drop_criterion=config.drop_criterion, grow_criterion=config.grow_criterion,
