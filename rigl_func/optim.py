@@ -76,21 +76,11 @@ def reset_optimizer_state(opt_state: Any, old_masks: Mapping[str, Tensor], new_m
 def zero_inactive_list_(tensors: list[Tensor], masks: list[Tensor]) -> None:
     """In place: ``tensors[i]`` is exactly 0 where ``masks[i]`` is False (NaN/inf too).
 
-    Per (dtype, device) group: one pack (``cat``), one ``masked_fill_`` under the
-    negated packed masks and one same-dtype ``torch._foreach_copy_`` back, so the
-    number of kernel launches does not grow with the number of tensors.
+    :func:`rigl_func.masks.masked_where` (one pack and one masked fill per dtype and
+    device) and one ``torch._foreach_copy_`` back: the number of kernel launches does
+    not grow with the number of tensors.
     """
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    for idx in groups.values():
-        ts = [tensors[i] for i in idx]
-        if len(ts) == 1:
-            ts[0].masked_fill_(masks[idx[0]].logical_not(), 0)
-            continue
-        flat = torch.cat([t.reshape(-1) for t in ts])
-        flat.masked_fill_(torch.cat([masks[i].reshape(-1) for i in idx]).logical_not_(), 0)
-        torch._foreach_copy_(ts, [c.view(t.shape) for c, t in zip(flat.split([t.numel() for t in ts]), ts)])
+    torch._foreach_copy_(tensors, masked_where(tensors, masks))
 
 
 def _edit_torch_state_(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
