@@ -41,6 +41,7 @@ __all__ = [
     "mask_grads_",
     "mask_weights_",
     "broadcast_masks",
+    "describe",
     "resolve_hyperparams",
     "state_from_dict",
 ]
@@ -389,3 +390,36 @@ def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfi
         key=torch.tensor(int(sd.get("key", 0)), dtype=torch.int64, device=step_device),
     )
     return state, int(step), int(rigl_steps)
+
+
+def describe(names: list[str], weights: list[Tensor], masks: Mapping[str, Tensor], hp: Mapping, step: int,
+             rigl_steps: int) -> str:
+    """rigl-torch's ``str(scheduler)`` table: per-layer shape, nonzeros and density
+    (syncs the device: printing only)."""
+    rows, total, active, conv_total, conv_active = [], 0, 0, 0, 0
+    width = max(len(n) for n in names)
+    for name, w in zip(names, weights):
+        nnz = int(masks[name].sum()) if name in masks else w.numel()
+        kind = "sparse" if name in masks else "dense"
+        rows.append(f"  {name:<{width}}  {str(tuple(w.shape)):<18} {nnz:>10}/{w.numel():<10} "
+                    f"{100.0 * nnz / w.numel():6.2f}%  {kind}")
+        total, active = total + w.numel(), active + nnz
+        if w.dim() > 2:
+            conv_total, conv_active = conv_total + w.numel(), conv_active + nnz
+    hp = hp
+    lines = [
+        "RigLScheduler(",
+        f"  layers={len(weights)} ({len(masks)} sparse), sparsity_distribution={hp['sparsity_distribution']!r}, "
+        f"dense_allocation={hp['dense_allocation']}, static_topo={hp['static_topo']}, "
+        f"ignore_linear_layers={hp['ignore_linear_layers']},",
+        f"  T_end={hp['T_end']}, delta={hp['delta']}, alpha={hp['alpha']}, "
+        f"grad_accumulation_n={hp['grad_accumulation_n']},",
+        f"  {'layer':<{width}}  {'shape':<18} {'nonzero':>10}/{'total':<10} {'density':>7}",
+        *rows,
+        f"  total_nonzero_params={active}/{total} ({100.0 * active / total:.2f}%),",
+    ]
+    if conv_total:
+        lines.append(f"  total_conv_nonzero_params={conv_active}/{conv_total} "
+                     f"({100.0 * conv_active / conv_total:.2f}%),")
+    lines += [f"  step={step}, rigl_steps={rigl_steps}", ")"]
+    return "\n".join(lines)

@@ -426,34 +426,7 @@ class RigLScheduler:
 
     # ------------------------------------------------------------------ printing
     def __str__(self) -> str:
-        masks = self._state.masks
-        rows, total, active, conv_total, conv_active = [], 0, 0, 0, 0
-        width = max(len(n) for n in self.layer_names)
-        for name, w, s in zip(self.layer_names, self.W, self.S):
-            nnz = int(masks[name].sum()) if name in masks else w.numel()
-            kind = "sparse" if name in masks else "dense"
-            rows.append(f"  {name:<{width}}  {str(tuple(w.shape)):<18} {nnz:>10}/{w.numel():<10} "
-                        f"{100.0 * nnz / w.numel():6.2f}%  {kind}")
-            total, active = total + w.numel(), active + nnz
-            if w.dim() > 2:
-                conv_total, conv_active = conv_total + w.numel(), conv_active + nnz
-        hp = self._hp
-        lines = [
-            "RigLScheduler(",
-            f"  layers={len(self.W)} ({len(masks)} sparse), sparsity_distribution={hp['sparsity_distribution']!r}, "
-            f"dense_allocation={hp['dense_allocation']}, static_topo={hp['static_topo']}, "
-            f"ignore_linear_layers={hp['ignore_linear_layers']},",
-            f"  T_end={hp['T_end']}, delta={hp['delta']}, alpha={hp['alpha']}, "
-            f"grad_accumulation_n={hp['grad_accumulation_n']},",
-            f"  {'layer':<{width}}  {'shape':<18} {'nonzero':>10}/{'total':<10} {'density':>7}",
-            *rows,
-            f"  total_nonzero_params={active}/{total} ({100.0 * active / total:.2f}%),",
-        ]
-        if conv_total:
-            lines.append(f"  total_conv_nonzero_params={conv_active}/{conv_total} "
-                         f"({100.0 * conv_active / conv_total:.2f}%),")
-        lines += [f"  step={self._step}, rigl_steps={self._rigl_steps}", ")"]
-        return "\n".join(lines)
+        return U.describe(self.layer_names, self.W, self._state.masks, self._hp, self._step, self._rigl_steps)
 
     def __repr__(self) -> str:
         return (f"RigLScheduler(layers={len(self.W)}, dense_allocation={self._hp['dense_allocation']}, "
