@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import gc
 import os
 import traceback
 
@@ -187,6 +188,7 @@ def phase1(rank: int, world: int, port: int, out_dir: str) -> None:
     checks["all_reduce_mean"] = lambda: _check_all_reduce(rank, world)
     checks["consistency_check"] = lambda: _check_consistency(rank, world)
     _run_checks(rank, out_dir, checks)
+    gc.collect()  # free DDP reducers while the group lives (exit-time aborts otherwise)
     dist.destroy_process_group()
 
 
@@ -298,6 +300,7 @@ def phase2(rank: int, world: int, port: int, out_dir: str) -> None:
     for stop in SCHED_STOPS:
         checks[f"resume_scheduler_{stop}"] = (lambda s: lambda: scheduler_run(rank, world, out_dir, s))(stop)
     _run_checks(rank, out_dir, checks)
+    gc.collect()  # free DDP reducers while the group lives (exit-time aborts otherwise)
     dist.destroy_process_group()
 
 
@@ -385,4 +388,5 @@ def fsdp_phase(rank: int, world: int, port: int, out_dir: str) -> None:
     for method, k in FSDP_CASES:
         checks[f"fsdp_{method}_k{k}"] = case(method, k)
     _run_checks(rank, out_dir, checks)
+    gc.collect()  # free DDP reducers while the group lives (exit-time aborts otherwise)
     dist.destroy_process_group()

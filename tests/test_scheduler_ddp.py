@@ -11,6 +11,7 @@ masks equal the pure core's update on them.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -101,6 +102,12 @@ def _worker(rank: int, port: int) -> None:
     try:
         for case in CASES:
             _run_case(rank, *case)
+        # Free the DDP reducers (cycles: only the collector frees them) while the process
+        # group lives, and let both ranks finish before either tears gloo down: otherwise a
+        # process now and then aborted at exit, after the test had passed (SIGABRT,
+        # "terminate called without an active exception", no Python frame).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
