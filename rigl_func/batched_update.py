@@ -32,7 +32,7 @@ from rigl_func import criteria as C
 from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, hash32
 from rigl_func.selection import _check
-from rigl_func.segment_select import order_keys_, segment_ids, segment_top_
+from rigl_func.segment_select import _BINS, NEVER, bin_bases, is_batched, order_keys_, repeat_per_segment, segment_top_
 
 __all__ = ["update_layers_batched"]
 
@@ -42,14 +42,13 @@ _CACHE_LIMIT = 64
 
 def _constants(device: torch.device, sizes: tuple, ids: tuple, caps: tuple) -> tuple[Tensor, ...]:
     """Per-layer int64 ``[L]`` tensors on ``device``: sizes, offsets, layer ids, caps,
-    and the int32 segment numbers ``arange(L)``."""
+    and the int32 level-1 bin bases of :mod:`rigl_func.segment_select`."""
     def build():
         offsets = [0]
         for s in sizes[:-1]:
             offsets.append(offsets[-1] + s)
-        rows = torch.tensor([list(sizes), offsets, list(ids), list(caps), list(range(len(sizes)))],
-                            dtype=torch.int64, device=device)
-        return (*rows[:4].unbind(0), rows[4].to(torch.int32))
+        rows = torch.tensor([list(sizes), offsets, list(ids), list(caps)], dtype=torch.int64, device=device)
+        return (*rows.unbind(0), bin_bases(len(sizes), device))
 
     if torch.compiler.is_compiling():
         return build()
@@ -66,10 +65,10 @@ def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _flat_uniform(layer_keys: Tensor, seg: Tensor, offsets: Tensor, total: int) -> Tensor:
+def _flat_uniform(layer_keys: Tensor, sizes: tuple, offsets: Tensor, total: int) -> Tensor:
     """:func:`rigl_func.random.uniform` of every layer, concatenated (same bits)."""
-    idx = torch.arange(total, dtype=torch.int64, device=seg.device) - offsets.index_select(0, seg)
-    key = layer_keys.index_select(0, seg)
+    idx = torch.arange(total, dtype=torch.int64, device=offsets.device) - repeat_per_segment(sizes, offsets)
+    key = repeat_per_segment(sizes, layer_keys)
     bits = hash32(hash32(idx ^ key) + key)
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
@@ -82,7 +81,7 @@ class _Layers(NamedTuple):
     growth: Mapping[str, Tensor]
     masks: Mapping[str, Tensor]
     extras: list
-    seg: Tensor  # int32 [N], segment of every entry
+    sizes: tuple  # numel per layer
     offsets: Tensor  # int64 [L]
     layer_keys: Tensor  # int64 [L]
     total: int
@@ -99,13 +98,43 @@ def _scores(fn: Callable, layers: _Layers) -> Tensor:
     if fn is C.ema:
         return _flat([e["ema"] for e in layers.extras]).abs_()
     if fn is C.random:
-        return _flat_uniform(layers.layer_keys, layers.seg, layers.offsets, layers.total)
+        return _flat_uniform(layers.layer_keys, layers.sizes, layers.offsets, layers.total)
     scores = []
     for n, e in zip(names, layers.extras):
         s = call_criterion(fn, layers.params[n], layers.growth[n], layers.masks[n], e)
         _check(s, layers.masks[n], 0, None)
         scores.append(s)
     return _flat(scores)
+
+
+#: Built-in criteria whose scores are >= 0 (or NaN): their float32 bits are order keys.
+_NONNEG = (C.magnitude, C.gradient, C.ema, C.random)
+_INF_BITS = 0x7F800000
+
+
+def _grow_keys(fn: Callable, layers: _Layers) -> tuple[Tensor, Tensor]:
+    """int32 order keys of the grow scores (``NEVER`` where non-finite) and the bool
+    non-finite mask. Non-negative float32 scores are their own keys (their bits);
+    float64 ones take the generic path, since finiteness is decided before rounding."""
+    scores = _scores(fn, layers)
+    if fn in _NONNEG and scores.dtype != torch.float64 and not is_batched(scores):  # vmap: no dtype view
+        keys = _float32_owned(scores).view(torch.int32)
+        nonfinite = keys >= _INF_BITS
+        return keys.masked_fill_(nonfinite, NEVER), nonfinite
+    finite = scores.isfinite()
+    return order_keys_(_float32_owned(scores), finite), finite.logical_not_()
+
+
+def _drop_keys(scores: Tensor, inactive: Tensor, nonneg: bool) -> Tensor:
+    """int32 keys of "drop first" (the smallest score; NaN before everything); ``NEVER``
+    at inactive entries. Overwrites ``scores`` (owned)."""
+    scores = _float32_owned(scores)
+    if not nonneg or is_batched(scores):  # vmap: no dtype view
+        return order_keys_(scores.neg_(), ~inactive)
+    keys = scores.view(torch.int32)
+    nan = keys > _INF_BITS
+    keys.bitwise_xor_(0x7FFFFFFF)  # decreasing in the score: the smallest |w| ranks first
+    return keys.masked_fill_(nan, 0x7FFFFFFF).masked_fill_(inactive, NEVER)
 
 
 def layer_extras(name: str, key: Tensor, step: Tensor, ema: Mapping[str, Tensor],
@@ -197,35 +226,46 @@ def update_layers_batched(
     device = masks[names[0]].device
     sizes = tuple(masks[n].numel() for n in names)
     total = sum(sizes)
-    sizes_t, offsets_t, ids_t, caps_t, seg_ids = _constants(device, sizes, tuple(layer_ids), tuple(caps))
-    seg = segment_ids(sizes, seg_ids)
+    sizes_t, offsets_t, ids_t, caps_t, row_bases = _constants(device, sizes, tuple(layer_ids), tuple(caps))
     layer_keys = fold_in(step_key, ids_t)
     extras = [layer_extras(n, layer_keys[i], step, ema, aux) for i, n in enumerate(names)]
-    layers = _Layers(names, params, growth, masks, extras, seg, offsets_t, layer_keys, total)
+    layers = _Layers(names, params, growth, masks, extras, sizes, offsets_t, layer_keys, total)
     drop_fn = resolve_criterion(config.drop_criterion, "drop_criterion")
     grow_fn = resolve_criterion(config.grow_criterion, "grow_criterion")
     mask = _flat([masks[n] for n in names])
+    inactive = ~mask
+    bases = repeat_per_segment(sizes, row_bases)  # per entry: its layer's first level-1 bin
+
+    # Grow keys first (they decide how many entries each layer can replace); non-finite
+    # grow scores are never grown.
+    grow_keys, nonfinite = _grow_keys(grow_fn, layers)
+    # Inactive entries with a non-finite grow score, per layer (a histogram on the bins).
+    bad = torch.zeros(len(names) * _BINS, dtype=torch.int32, device=device).index_add(
+        0, bases, nonfinite.logical_and_(inactive).to(torch.int32)).index_select(0, row_bases)
+    del nonfinite
+
     if drop_fn is C.magnitude:  # keep the flat copy of the params: it becomes the new params
         flat_params = _flat([params[n] for n in names])
-        drop_scores = flat_params.abs()
+        drop_keys = _drop_keys(flat_params.abs(), inactive, nonneg=True)
     else:
-        flat_params, drop_scores = None, _scores(drop_fn, layers)
-    drop_keys = order_keys_(_float32_owned(drop_scores).neg_(), mask)
-    del drop_scores
-    grow_scores = _scores(grow_fn, layers)
+        flat_params = None
+        drop_keys = _drop_keys(_scores(drop_fn, layers), inactive, nonneg=drop_fn in _NONNEG)
+    counts = {}
 
-    finite = grow_scores.isfinite()
-    per_layer = torch.zeros(len(names), dtype=torch.int32, device=device)
-    nnz = per_layer.index_add(0, seg, mask.to(torch.int32)).to(torch.int64)
-    growable = per_layer.index_add(0, seg, (finite & ~mask).to(torch.int32)).to(torch.int64)
-    n = torch.floor(fraction.to(torch.float64) * nnz).to(torch.int64).clamp(min=0)
-    n = torch.minimum(torch.minimum(n, caps_t), growable)
-    dropped = segment_top_(drop_keys, seg, torch.minimum(n, nnz))
+    def drop_count(hist1: Tensor) -> Tensor:
+        # Bucket 0 of a row holds exactly the inactive (NEVER) entries of the layer.
+        nnz = sizes_t - hist1[:, 0]
+        growable = sizes_t - nnz - bad
+        n = torch.floor(fraction.to(torch.float64) * nnz).to(torch.int64).clamp(min=0)
+        counts["n"] = torch.minimum(torch.minimum(n, caps_t), growable)
+        return torch.minimum(counts["n"], nnz)
+
+    dropped = segment_top_(drop_keys, bases, drop_count, len(names))
     del drop_keys
-    kept = mask & ~dropped
-    grown = segment_top_(order_keys_(_float32_owned(grow_scores), finite & ~kept), seg, n)
-    del grow_scores
-    new_mask = kept | grown
+    kept = dropped.logical_not_().logical_and_(mask)  # in the memory of `dropped`
+    grown = segment_top_(grow_keys.masked_fill_(kept, NEVER), bases, counts["n"], len(names))
+    del grow_keys
+    new_mask = kept.logical_or_(grown)
     new_masks = {nm: part.view(masks[nm].shape) for nm, part in zip(names, new_mask.split(sizes))}
     new_params = _new_params(names, params, growth, masks, new_masks, mask, new_mask, sizes, extras,
                              config.grow_init, config.grow_init_scale, flat_params)

@@ -28,10 +28,12 @@ ops does not depend on the number of segments. The result equals a per-segment
 
 from __future__ import annotations
 
+from typing import Callable, Union
+
 import torch
 from torch import Tensor
 
-__all__ = ["order_keys", "order_keys_", "ordered_int32_", "is_batched", "segment_top", "segment_top_", "segment_ids", "NEVER"]
+__all__ = ["order_keys", "order_keys_", "ordered_int32_", "is_batched", "segment_top", "segment_top_", "repeat_per_segment", "bin_bases", "NEVER"]
 
 #: Key of an entry that must never be selected.
 NEVER = -(2**31)
@@ -114,13 +116,24 @@ def order_keys_(values: Tensor, eligible: Tensor) -> Tensor:
     return keys.masked_fill_(~eligible, NEVER)
 
 
-def segment_ids(sizes: tuple, ids: Tensor) -> Tensor:
-    """int32 ``[sum(sizes)]``: the segment of every entry, ``ids[l]`` repeated
-    ``sizes[l]`` times (``ids``: int32 ``arange(L)`` on the target device). One
-    ``cat`` of expanded views: one op, no host sync, no index tensor."""
-    if len(sizes) == 1:  # one segment: a stride-0 view, no memory
-        return ids[0].expand(sizes[0])
-    return torch.cat([ids[i].expand(size) for i, size in enumerate(sizes)])
+def repeat_per_segment(sizes: tuple, values: Tensor) -> Tensor:
+    """``[sum(sizes)]``: ``values[l]`` repeated ``sizes[l]`` times (``values``: ``[L]`` on
+    the target device, e.g. :func:`bin_bases`). One ``cat`` of expanded views: one op,
+    no host sync, no index tensor; a stride-0 view for one segment.
+
+    Example:
+        >>> repeat_per_segment((2, 3), torch.tensor([7, 9])).tolist()
+        [7, 7, 9, 9, 9]
+    """
+    if len(sizes) == 1:
+        return values[0].expand(sizes[0])
+    return torch.cat([values[i].expand(size) for i, size in enumerate(sizes)])
+
+
+def bin_bases(num: int, device=None) -> Tensor:
+    """int32 ``[num]``: ``l * 65536 + 32768``, the first level-1 bin of segment ``l``
+    shifted so that ``(key >> 16) + base`` is a bin index (``key >> 16 >= -32768``)."""
+    return torch.arange(num, dtype=torch.int32, device=device) * _BINS + _BINS // 2
 
 
 def _histogram(bins: Tensor, num_bins: int) -> Tensor:
@@ -130,7 +143,8 @@ def _histogram(bins: Tensor, num_bins: int) -> Tensor:
 
 def _boundary(hist: Tensor, want: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per segment (row of ``hist``, ``[L, 65536]``): the bucket that holds the
-    ``want``-th largest entry, the count strictly above it and the count in it."""
+    ``want``-th largest entry, the count strictly above it and the count in it
+    (``[L, 1]`` each)."""
     desc = hist.flip(1).cumsum(1, dtype=torch.int32)  # desc[l, j]: entries in buckets >= 65535 - j
     j = torch.searchsorted(desc, want.to(torch.int32).unsqueeze(1))  # first j with desc >= want
     j = j.clamp(max=_BINS - 1)
@@ -140,19 +154,14 @@ def _boundary(hist: Tensor, want: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return bucket, above, inside
 
 
-def _classes(digits: Tensor, bucket: Tensor) -> Tensor:
-    """uint8 ``[L * 65536]``: 2 above the segment's bucket, 1 in it, 0 below."""
-    return ((digits > bucket).to(torch.uint8) * 2 + (digits == bucket).to(torch.uint8)).view(-1)
-
-
 def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
     """In every segment, the ``count`` entries with the largest ``keys``; ties to the
     lower flat index.
 
     Args:
         keys: int32 ``[N]`` from :func:`order_keys` (``NEVER`` = not selectable).
-        seg: int32 ``[N]``, the segment of each entry, non-decreasing
-            (:func:`segment_ids`); segments are contiguous.
+        seg: int32 ``[N]``, the segment of each entry, non-decreasing; segments are
+            contiguous.
         count: int64 ``[L]``; ``0 <= count[l] <=`` the number of selectable entries
             of segment ``l``.
 
@@ -165,41 +174,55 @@ def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
         >>> segment_top(keys, seg, torch.tensor([2, 1])).tolist()
         [False, True, True, False, True, False]
     """
-    return segment_top_(keys.clone(), seg, count)
+    return segment_top_(keys.clone(), seg * _BINS + _BINS // 2, count, count.shape[0])
 
 
-def segment_top_(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
-    """:func:`segment_top` that reuses the memory of ``keys`` (overwritten): the
-    batched update's peak memory is a few bytes per weight lower."""
-    num = count.shape[0]
+def segment_top_(keys: Tensor, bases: Tensor, count: Union[Tensor, Callable[[Tensor], Tensor]], num: int) -> Tensor:
+    """:func:`segment_top` with per-entry bin bases (:func:`repeat_per_segment` of
+    :func:`bin_bases`) for ``num`` segments, that overwrites ``keys``. ``count`` may be a function of the
+    level-1 histogram (int32 ``[L, 65536]``; bucket 0 holds exactly the ``NEVER``
+    entries, so row ``l`` tells segment ``l``'s selectable count).
+
+    Eleven full-size passes: two to bin, a histogram, a gather of the level-2 row, two
+    to bin again, a histogram, a gather of the tie flag, a scan and a gather and compare
+    against one lookup table that encodes "above", "below" and the tie rank limit.
+    """
     device = keys.device
     # Level 1: the top 16 bits, one histogram row per segment.
-    bin1 = (keys >> _BITS).add_(seg, alpha=_BINS).add_(_BINS // 2)
-    bucket1, above1, _ = _boundary(_histogram(bin1, num * _BINS).view(num, _BINS), count)
-    digits = torch.arange(_BINS, dtype=torch.int32, device=device)
-    cls1 = _classes(digits, bucket1).index_select(0, bin1)
-    # Level 2: the low 16 bits of the boundary bucket's entries (in the keys' memory);
-    # the others go to the spare bins num*B (below) and num*B + 1 (above).
-    bin2 = keys.bitwise_and_(_BINS - 1).add_(seg, alpha=_BINS)
-    bin2.masked_fill_(cls1 == 0, num * _BINS).masked_fill_(cls1 == 2, num * _BINS + 1)
-    del cls1
-    hist2 = _histogram(bin2, num * _BINS + 2)
+    bin1 = (keys >> _BITS).add_(bases)
+    hist1 = _histogram(bin1, num * _BINS).view(num, _BINS)
+    if callable(count):
+        count = count(hist1)
+    bucket1, above1, _ = _boundary(hist1, count)
     need = count - above1.view(-1).to(count.dtype)
-    bucket2, above2, ties = _boundary(hist2[: num * _BINS].view(num, _BINS), need)
-    spare_classes = torch.arange(0, 4, 2, dtype=torch.uint8, device=device)
-    cls2 = torch.cat([_classes(digits, bucket2), spare_classes]).index_select(0, bin2)
-    # Ties: the first (need - above2) entries equal to the boundary key, in flat order.
-    at = cls2 == 1
+    # Level 2 goes to one histogram row per segment for the entries of its boundary
+    # bucket, and to spare rows num (below) and num + 1 (above) for all others: a table
+    # over level-1 bins gives each entry its level-2 row base.
+    digits = torch.arange(_BINS, dtype=torch.int32, device=device)
+    rows = bin_bases(num, device).unsqueeze(1)
+    below, above = num * _BINS + _BINS // 2, (num + 1) * _BINS + _BINS // 2
+    row_of = torch.where(digits == bucket1, rows, torch.where(digits > bucket1, above, below).to(torch.int32))
+    row = row_of.view(-1).index_select(0, bin1)
+    bin2 = keys.bitwise_and_(_BINS - 1).add_(row)  # in the keys' memory
+    hist2 = _histogram(bin2, (num + 2) * _BINS + _BINS // 2)[_BINS // 2:].view(num + 2, _BINS)
+    bucket2, above2, ties = _boundary(hist2[:num], need)
+    # Selected <=> rank <= limit[bin], rank = inclusive count of tie entries (those
+    # equal to their segment's boundary key) so far: limit is INT32_MAX above the
+    # boundary, -1 below it, and for tie entries the tie entries of earlier segments
+    # plus the ones this segment still needs (ties to the lower index).
     ties = ties.view(-1)
-    last = torch.cumsum(ties, 0, dtype=torch.int32) - ties + (need - above2.view(-1)).to(torch.int32)
-    table = last.repeat_interleave(_BINS, output_size=num * _BINS)
-    if is_batched(keys):  # vmap has no rule for out= and clamp_
-        del bin1
-        bin2 = bin2.clamp(max=num * _BINS - 1)
-        bound = table.index_select(0, bin2)
-        chosen = torch.cumsum(at, 0, dtype=torch.int32) <= bound
-    else:  # reuse bin1's and bin2's memory
-        bin2.clamp_(max=num * _BINS - 1)
-        bound = torch.index_select(table, 0, bin2, out=bin1)
-        chosen = torch.cumsum(at, 0, dtype=torch.int32, out=bin2) <= bound  # inclusive rank among tie entries
-    return chosen.logical_and_(at).logical_or_(cls2 == 2)
+    last = (torch.cumsum(ties, 0, dtype=torch.int32) - ties + (need - above2.view(-1)).to(torch.int32)).unsqueeze(1)
+    big = torch.iinfo(torch.int32).max
+    limit = torch.where(digits > bucket2, big, torch.where(digits == bucket2, last, -1))
+    spare = torch.stack([torch.full((_BINS,), -1, dtype=torch.int32, device=device),
+                         torch.full((_BINS,), big, dtype=torch.int32, device=device)])
+    pad = torch.zeros(_BINS // 2, dtype=torch.int32, device=device)  # bins start at B / 2
+    limit = torch.cat([pad, limit.view(-1), spare.view(-1)])
+    at_table = torch.cat([pad.bool(), (digits == bucket2).view(-1), torch.zeros(2 * _BINS, dtype=torch.bool, device=device)])
+    at = at_table.index_select(0, bin2)
+    if is_batched(keys):  # vmap has no batching rule for out= variants
+        return torch.cumsum(at, 0, dtype=torch.int32) <= limit.index_select(0, bin2)
+    # Reuse the level-1 buffers for the scan and the limits (no new full-size int32).
+    rank = torch.cumsum(at, 0, dtype=torch.int32, out=row)
+    return rank <= torch.index_select(limit, 0, bin2, out=bin1)
+

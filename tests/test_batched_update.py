@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import rigl_func as rf
 from rigl_func.dispatch import count_ops
-from rigl_func.segment_select import order_keys, segment_ids, segment_top
+from rigl_func.segment_select import order_keys, repeat_per_segment, segment_top
 from rigl_func.selection import select_top
 from rigl_func.topology import update_topology_per_layer
 
@@ -141,7 +141,7 @@ def test_segment_top_equals_per_segment_select_top(sizes, kind, seed):
     values = _values(gen, (total,), kind, torch.float32)
     eligible = torch.rand(total, generator=gen) < 0.7
     counts = [int(torch.randint(0, int(e.sum()) + 1, (), generator=gen)) for e in eligible.split(sizes)]
-    seg = segment_ids(tuple(sizes), torch.arange(len(sizes), dtype=torch.int32))
+    seg = repeat_per_segment(tuple(sizes), torch.arange(len(sizes), dtype=torch.int32))
     got = segment_top(order_keys(values, eligible), seg, torch.tensor(counts))
     want = torch.cat([select_top(v, e, c) for v, e, c in zip(values.split(sizes), eligible.split(sizes), counts)])
     assert torch.equal(got, want)
