@@ -69,8 +69,8 @@ __all__ = ["Stats", "Ctx", "time_variants", "environment", "main"]
 
 DELTA, T_END, SPARSITY = 100, 25_000, 0.9
 TRAIN_T_END, LR, MOMENTUM = 100_000, 0.01, 0.9
-SECTIONS = ("Environment", "One topology update", "Same-model update step", "Training-step overhead vs dense",
-            "Errors and skips")
+SECTIONS = ("Environment", "One topology update", "Profile of one update", "Same-model update step",
+            "Training-step overhead vs dense", "Errors and skips")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -303,6 +303,8 @@ def _stage_topology(ctx: Ctx, model: str, cases: list[_TopoCase]) -> None:
 
         fns = {
             "rigl_func update_topology (eager)": lambda: rigl_func.update_topology(params, grads, state, cfg),
+            "rigl_func update_topology, engine='per_layer'": lambda: rigl_func.update_topology(
+                params, grads, state, cfg, engine="per_layer"),
             "floor: per-layer abs(g) + topk(floor(f nnz)) loop": per_layer_floor,
             "floor: one topk over all entries (k=3%)": lambda: torch.topk(flat, k_all),
             "floor: one sort of all entries (float32)": lambda: torch.sort(flat),
@@ -315,11 +317,52 @@ def _stage_topology(ctx: Ctx, model: str, cases: list[_TopoCase]) -> None:
                 f"{ops.launches} kernel launches, {ops.syncs} syncs, {ops.host_to_device} host-to-device copies per call")
         except Exception as err:  # noqa: BLE001
             case.extra["rigl_func update_topology (eager)"] = _err(err)
+        try:
+            case.extra["peak memory"] = _peak_note(lambda: rigl_func.update_topology(params, grads, state, cfg),
+                                                   ctx.device, sum(m.numel() for m in state.masks.values()))
+            ctx.md.setdefault("Profile of one update", []).extend(
+                [f"{case.dist} 90%, top ops by self device time:", "",
+                 *_profile_md(lambda: rigl_func.update_topology(params, grads, state, cfg), ctx.device), ""])
+        except Exception as err:  # noqa: BLE001
+            case.extra["peak memory"] = _err(err)
         errors: dict[str, str] = {}
         case.rows.update(time_variants(fns, ctx.device, repeats=ctx.repeats, warmup=ctx.warmup, errors=errors))
         case.extra.update(errors)
         ctx.notes += [f"topology {case.dist} {v}: {e}" for v, e in errors.items()]
     _render_topology(ctx, model, cases)
+
+
+def _peak_note(fn: Callable[[], Any], device: torch.device, numel: int) -> str:
+    """Peak extra device memory of one call per sparse weight (outputs included)."""
+    if device.type != "cuda":
+        return "peak memory: CUDA only"
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return f"peak extra memory {peak / numel:.1f} B per sparse weight (outputs included; target <= 12)"
+
+
+def _profile_md(fn: Callable[[], Any], device: torch.device, rows: int = 15) -> list[str]:
+    """Top ops of one call by self device time (CPU time without a GPU): where the
+    batched update spends its time (e.g. histogram atomics in ``index_add``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    except Exception:  # noqa: BLE001 - older/newer profiler column names
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return ["```", table.rstrip(), "```"]
 
 
 def _capture_graph(case: _TopoCase, device: torch.device):
