@@ -11,10 +11,15 @@ in one of three ways:
   ``∝ (sum(shape) / prod(shape)) ** power_scale``.
 
 For ER and ERK the densities are ``eps * raw_l`` with one ``eps`` chosen so that the
-sparse layers keep exactly the budget of the uniform case,
-``sum_l eps * raw_l * n_l = (1 - S) * sum_l n_l``. A layer whose density would exceed
-1 is made dense and the rest is solved again (``get_sparsities_erdos_renyi`` in
-google-research/rigl ``sparse_utils.py``).
+sparse layers keep the budget of the uniform case counted as the original code counts
+it, ``n_l - floor(S * n_l)`` ones per layer:
+``sum_l eps * raw_l * n_l = sum_l (n_l - floor(S * n_l))``. A layer whose density
+would exceed 1 is made dense, its ``floor(S * n_l)`` zeros are taken off the budget of
+the others, and ``eps`` is solved again (``get_sparsities_erdos_renyi`` in
+google-research/rigl ``sparse_utils.py``). A layer at sparsity ``s`` then gets
+``n - floor(s * n)`` active entries (:func:`nnz_for`, as the original's
+``get_mask_random_numpy``). The floats are computed in the original's order, so the
+sparsities and counts match it on any shapes, not only in the large-layer limit.
 
 Every function here is pure Python, works on shapes only (PyTorch layout: ``Linear``
 ``[out, in]``, ``Conv`` ``[out, in, *kernel]``) and returns a sparsity (fraction of
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from typing import Callable
 
@@ -96,14 +102,17 @@ def _solve(
     if sparsity == 0.0 or not sparse:  # nothing to distribute: every layer dense
         return {name: 0.0 for name in shapes}
     numel = {name: math.prod(shapes[name]) for name in sparse}
+    # Budget in whole weights, as the original charges it: a layer at the uniform
+    # sparsity keeps n - floor(S * n) ones (its get_n_zeros), not (1 - S) * n.
+    zeros = {name: math.floor(sparsity * n) for name, n in numel.items()}
     densified: set[str] = set()
     while True:
-        divisor = rhs = 0.0
+        divisor, rhs = 0.0, 0  # rhs is an exact int count of ones
         for name in sparse:
             if name in densified:
-                rhs -= numel[name] * sparsity
+                rhs -= zeros[name]
             else:
-                rhs += numel[name] * (1.0 - sparsity)
+                rhs += numel[name] - zeros[name]
                 divisor += raw[name] * numel[name]
         if divisor == 0.0:
             raise ValueError("raw scores of the remaining layers underflow to 0 (is "
@@ -158,8 +167,9 @@ def erdos_renyi(
     ``n_out = shape[0]``, ``n_in = shape[1]``; kernel dims of a conv are ignored
     (use :func:`erk` to include them). A 1-D shape ``(n,)`` is treated as
     ``n_out = n``, ``n_in = 1``. Densities ``eps * raw_l`` are scaled so that the
-    non-dense layers keep ``(1 - sparsity) * sum_l n_l`` weights; a layer whose
-    density would exceed 1 is made dense and ``eps`` is solved again.
+    non-dense layers keep ``sum_l (n_l - floor(sparsity * n_l))`` weights, the
+    original's count (module docstring); a layer whose density would exceed 1 is
+    made dense and ``eps`` is solved again.
 
     Args:
         shapes: parameter name -> shape (``Linear [out, in]``, ``Conv [out, in, *k]``).
@@ -197,8 +207,8 @@ def erk(
     """Erdős–Rényi-Kernel: density ``∝ (sum(shape) / prod(shape)) ** power_scale``.
 
     The RigL default (Sec. 3). Solved like :func:`erdos_renyi`: the non-dense layers
-    keep ``(1 - sparsity) * sum_l n_l`` weights; layers whose density would exceed 1
-    are made dense (all layers tied at the largest score at once) and ``eps`` is
+    keep ``sum_l (n_l - floor(sparsity * n_l))`` weights; layers whose density would
+    exceed 1 are made dense (all layers tied at the largest score at once) and ``eps`` is
     solved again. ``power_scale=0`` gives :func:`uniform`.
 
     Args:
@@ -227,19 +237,35 @@ def erk(
     if not _is_real(power_scale) or not math.isfinite(power_scale) or power_scale < 0:
         raise ValueError(f"power_scale must be finite and >= 0, got {power_scale=}")
     ratio = {name: sum(s) / math.prod(s) for name, s in shapes.items()}
-    # Dividing by the largest ratio changes no result (eps absorbs the constant)
-    # and keeps ratio ** power_scale <= 1, so large power_scale cannot overflow.
-    top = max((r for n, r in ratio.items() if n not in dense), default=1.0)
-    raw = {name: (r / top) ** power_scale for name, r in ratio.items()}
-    return _solve(shapes, sparsity, dense, raw)
+    return _solve(shapes, sparsity, dense, _powers(ratio, dense, power_scale))
+
+
+def _powers(ratio: dict[str, float], dense: frozenset[str], power_scale: float):
+    """``ratio ** power_scale``, rescaled only where the plain powers over/underflow.
+
+    The plain powers are the original's floats (so counts match it bit for bit).
+    Dividing by the largest ratio first changes no result in exact arithmetic (eps
+    absorbs the constant) and keeps the powers <= 1, so a large ``power_scale``
+    neither overflows nor rounds the top layer's score to 0.
+    """
+    sparse = [r for n, r in ratio.items() if n not in dense]
+    try:
+        raw = {name: r ** power_scale for name, r in ratio.items()}
+        if all(raw[n] >= sys.float_info.min for n in ratio if n not in dense):
+            return raw
+    except OverflowError:
+        pass
+    top = max(sparse, default=1.0)
+    return {name: (r / top) ** power_scale for name, r in ratio.items()}
 
 
 def nnz_for(numel: int, sparsity: float) -> int:
     """Number of active entries of a layer with ``numel`` entries at ``sparsity``.
 
-    ``round((1 - sparsity) * numel)`` with halves rounded up, clipped to
-    ``[1, numel]``: every non-empty layer keeps at least one active weight, so no
-    layer is disconnected. An empty layer has 0.
+    ``numel - floor(sparsity * numel)``, the count of google-research/rigl
+    (``get_n_zeros`` zeros, ``get_mask_random_numpy``), with the float product
+    computed as it does; at least 1 for a non-empty layer, so no layer is
+    disconnected (this only matters at ``sparsity == 1``). An empty layer has 0.
 
     Args:
         numel: number of entries of the layer, an int >= 0.
@@ -247,14 +273,14 @@ def nnz_for(numel: int, sparsity: float) -> int:
 
     Returns:
         ``0`` if ``numel == 0`` else
-        ``max(1, min(numel, floor((1 - sparsity) * numel + 0.5)))``.
+        ``max(1, numel - floor(sparsity * numel))``.
 
     Raises:
         ValueError: ``numel`` negative or not an int, or ``sparsity`` outside [0, 1].
 
     Example:
-        >>> nnz_for(100, 0.9), nnz_for(4, 0.9), nnz_for(0, 0.5)
-        (10, 1, 0)
+        >>> nnz_for(100, 0.9), nnz_for(33, 0.9), nnz_for(4, 0.9), nnz_for(0, 0.5)
+        (10, 4, 1, 0)
     """
     if not _is_int(numel) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel=}")
@@ -262,7 +288,8 @@ def nnz_for(numel: int, sparsity: float) -> int:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity=}")
     if numel == 0:
         return 0
-    return max(1, min(int(numel), math.floor((1.0 - sparsity) * numel + 0.5)))
+    numel = int(numel)
+    return max(1, numel - math.floor(float(sparsity) * numel))
 
 
 DISTRIBUTIONS: dict[str, Callable[..., dict[str, float]]] = {

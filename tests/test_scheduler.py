@@ -83,7 +83,7 @@ class TinyResNet(nn.Module):
 
 
 def resnet18() -> nn.Module:
-    tv = pytest.importorskip("torchvision", reason="torchvision (dev extra) not installed: resnet18 case skipped")
+    tv = pytest.importorskip("torchvision", reason="torchvision not installed (the 'vision' extra): resnet18 case skipped")
     return tv.models.resnet18(num_classes=5)
 
 
@@ -132,12 +132,13 @@ def moments(opt, p):
 
 
 # --------------------------------------------------------------------------- item 1
-# Hand-computed: uniform keeps the first layer dense; nnz = round(0.2 * numel).
-#   mlp:    640 (dense) | 32*32 = 1024 -> 204.8 -> 205 | 5*32 = 160 -> 32
-#   cnn_bn: 3*8*9 = 216 (dense) | 8*16*9 = 1152 -> 230.4 -> 230 | 16*5 = 80 -> 16
-#   tiny_resnet: conv1 216 dense | 8*8*9 = 576 -> 115.2 -> 115 (x4: layer1 conv1/2,
-#     layer2.conv1 is 16*8*9 = 1152 -> 230, layer2.conv2 16*16*9 = 2304 -> 460.8 -> 461,
-#     downsample 16*8 = 128 -> 25.6 -> 26, fc 80 -> 16
+# Hand-computed: uniform keeps the first layer dense; nnz = numel - floor(0.8 * numel)
+# (google-research/rigl's count).
+#   mlp:    640 (dense) | 32*32 = 1024 - floor(819.2) = 205 | 5*32 = 160 - 128 = 32
+#   cnn_bn: 3*8*9 = 216 (dense) | 8*16*9 = 1152 - floor(921.6) = 231 | 16*5 = 80 - 64 = 16
+#   tiny_resnet: conv1 216 dense | 8*8*9 = 576 - floor(460.8) = 116 (layer1 conv1/2),
+#     layer2.conv1 is 16*8*9 = 1152 -> 231, layer2.conv2 16*16*9 = 2304 - floor(1843.2)
+#     = 461, downsample 16*8 = 128 - floor(102.4) = 26, fc 80 -> 16
 INITIAL = {
     ("mlp", False): {"0.weight": None, "2.weight": 205, "4.weight": 32},
     ("mlp", True): {"0.weight": None, "2.weight": None, "4.weight": None},

@@ -87,11 +87,11 @@ def test_init_state_from_module_exact_nnz():
     state = init_state(model, cfg, seed=0)
     params = dict(model.named_parameters())
     assert list(state.masks) == ZOO_SPARSE
-    # uniform 0.8, by hand: round(0.2 * numel), halves up
-    hand = {"conv1.weight": 14, "conv2.weight": 27, "conv3.weight": 6, "deconv.weight": 12,
-            "head.0.weight": 11, "head.2.weight": 3}
-    # numel: 6*4*3=72 -> 14.4, 5*3*9=135 -> 27, 4*2*4=32 -> 6.4, 5*3*4=60 -> 12,
-    #        8*7=56 -> 11.2, 2*8=16 -> 3.2
+    # uniform 0.8, by hand: numel - floor(0.8 * numel) (google-research/rigl's count)
+    hand = {"conv1.weight": 15, "conv2.weight": 27, "conv3.weight": 7, "deconv.weight": 12,
+            "head.0.weight": 12, "head.2.weight": 4}
+    # numel: 6*4*3=72 - floor(57.6), 5*3*9=135 - 108, 4*2*4=32 - floor(25.6), 5*3*4=60 - 48,
+    #        8*7=56 - floor(44.8), 2*8=16 - floor(12.8)
     assert {k: int(m.sum()) for k, m in state.masks.items()} == hand
     assert target_nnz({k: tuple(params[k].shape) for k in ZOO_SPARSE}, cfg) == hand
     for name, mask in state.masks.items():

@@ -190,12 +190,13 @@ def test_target_counts():
     assert target_nnz(shapes, nm) == {"a": 48, "b": 216}  # sparsity/distribution ignored
     assert target_sparsities(shapes, nm) == {"a": 0.5, "b": 0.5}
     blk = RigLConfig(t_end=10, delta=5, structure="block", block=(2, 2), sparsity=0.7, distribution="uniform")
-    # (4, 8): 8 blocks, round(0.3 * 8 = 2.4) = 2 -> 8; (4, 4, 3, 3): 36 blocks, round(10.8) = 11 -> 44
-    assert target_nnz({"a": (4, 8), "b": (4, 4, 3, 3)}, blk) == {"a": 8, "b": 44}
-    # at least one block: round(0.01 * 8) = 0 -> 1 block
+    # n - floor(s * n) blocks: (4, 8): 8 blocks, 8 - floor(5.6) = 3 -> 12;
+    # (4, 4, 3, 3): 36 blocks, 36 - floor(25.2) = 11 -> 44
+    assert target_nnz({"a": (4, 8), "b": (4, 4, 3, 3)}, blk) == {"a": 12, "b": 44}
+    # 8 - floor(7.92) = 1 block
     assert target_nnz({"a": (4, 8)}, RigLConfig(t_end=10, delta=5, structure="block", block=(2, 2), sparsity=0.99,
                                                 distribution="uniform")) == {"a": 4}
-    # halves round up: 4 blocks at 0.5 and 0.375 -> 2 and round(2.5) = 3
+    # 4 blocks at 0.5 and 0.375 -> 4 - floor(2.0) = 2 and 4 - floor(1.5) = 3
     for s, k in ((0.5, 2), (0.375, 3)):
         cfg = RigLConfig(t_end=10, delta=5, structure="block", block=(1, 4), sparsity=s, distribution="uniform")
         assert target_nnz({"a": (2, 8)}, cfg) == {"a": 4 * k}

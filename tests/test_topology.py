@@ -165,10 +165,10 @@ def test_update_layer_custom_criteria(device):
 # update_topology on both examples at once.
 
 def _table_setup(device, **overrides):
-    # uniform sparsity 0.4: nnz_for(6, 0.4) = floor(3.6 + 0.5) = 4,
-    #                       nnz_for(9, 0.4) = floor(5.4 + 0.5) = 5.
+    # uniform sparsity 0.45: nnz_for(6, 0.45) = 6 - floor(2.7) = 4,
+    #                        nnz_for(9, 0.45) = 9 - floor(4.05) = 5.
     # constant f = 0.5: n = floor(2.0) = 2 and floor(2.5) = 2; max_n = 2 and 2.
-    kwargs = dict(t_end=100, delta=5, sparsity=0.4, distribution="uniform", alpha=0.5, schedule="constant")
+    kwargs = dict(t_end=100, delta=5, sparsity=0.45, distribution="uniform", alpha=0.5, schedule="constant")
     kwargs.update(overrides)
     cfg = RigLConfig(**kwargs)
     params = {"w1": _t(EX1_PARAM, device), "b": _t([1.0, -2.0], device), "w2": _t(EX2_PARAM, device)}
