@@ -32,7 +32,7 @@ from rigl_func import criteria as C
 from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, hash32
 from rigl_func.selection import _check
-from rigl_func.segment_select import _BINS, NEVER, bin_bases, is_batched, order_keys_, repeat_per_segment, segment_top_
+from rigl_func.segment_select import _BINS, EXCLUDED_BUCKETS, NEVER, bin_bases, exclude_, is_batched, order_keys_, repeat_per_segment, segment_top_
 
 __all__ = ["update_layers_batched"]
 
@@ -125,16 +125,16 @@ def _grow_keys(fn: Callable, layers: _Layers) -> tuple[Tensor, Tensor]:
     return order_keys_(_float32_owned(scores), finite), finite.logical_not_()
 
 
-def _drop_keys(scores: Tensor, inactive: Tensor, nonneg: bool) -> Tensor:
-    """int32 keys of "drop first" (the smallest score; NaN before everything); ``NEVER``
-    at inactive entries. Overwrites ``scores`` (owned)."""
+def _drop_keys(scores: Tensor, nonneg: bool) -> Tensor:
+    """int32 keys of "drop first" (the smallest score; NaN before everything), for every
+    entry (exclude the inactive ones with :func:`exclude_`). Overwrites ``scores``."""
     scores = _float32_owned(scores)
     if not nonneg or is_batched(scores):  # vmap: no dtype view
-        return order_keys_(scores.neg_(), ~inactive)
+        return order_keys_(scores.neg_(), None)
     keys = scores.view(torch.int32)
     nan = keys > _INF_BITS
     keys.bitwise_xor_(0x7FFFFFFF)  # decreasing in the score: the smallest |w| ranks first
-    return keys.masked_fill_(nan, 0x7FFFFFFF).masked_fill_(inactive, NEVER)
+    return keys.masked_fill_(nan, 0x7FFFFFFF)
 
 
 def layer_extras(name: str, key: Tensor, step: Tensor, ema: Mapping[str, Tensor],
@@ -239,22 +239,26 @@ def update_layers_batched(
     # Grow keys first (they decide how many entries each layer can replace); non-finite
     # grow scores are never grown.
     grow_keys, nonfinite = _grow_keys(grow_fn, layers)
-    # Inactive entries with a non-finite grow score, per layer (a histogram on the bins).
+    # Inactive entries with a non-finite grow score, per layer: a histogram on the grow
+    # keys' level-1 bins (spread over the row, not one atomic address per layer).
+    bad_bins = (grow_keys >> 16).add_(bases)
     bad = torch.zeros(len(names) * _BINS, dtype=torch.int32, device=device).index_add(
-        0, bases, nonfinite.logical_and_(inactive).to(torch.int32)).index_select(0, row_bases)
+        0, bad_bins, nonfinite.logical_and_(inactive).to(torch.int32)).view(len(names), _BINS).sum(1)
+    del bad_bins
     del nonfinite
 
     if drop_fn is C.magnitude:  # keep the flat copy of the params: it becomes the new params
         flat_params = _flat([params[n] for n in names])
-        drop_keys = _drop_keys(flat_params.abs(), inactive, nonneg=True)
+        drop_keys = _drop_keys(flat_params.abs(), nonneg=True)
     else:
         flat_params = None
-        drop_keys = _drop_keys(_scores(drop_fn, layers), inactive, nonneg=drop_fn in _NONNEG)
+        drop_keys = _drop_keys(_scores(drop_fn, layers), nonneg=drop_fn in _NONNEG)
+    drop_keys = exclude_(drop_keys, inactive, grow_keys)  # the grow keys vary where weights are 0
     counts = {}
 
     def drop_count(hist1: Tensor) -> Tensor:
-        # Bucket 0 of a row holds exactly the inactive (NEVER) entries of the layer.
-        nnz = sizes_t - hist1[:, 0]
+        # Buckets 0-63 of a row hold exactly the layer's excluded (inactive) entries.
+        nnz = sizes_t - hist1[:, :EXCLUDED_BUCKETS].sum(1)
         growable = sizes_t - nnz - bad
         n = torch.floor(fraction.to(torch.float64) * nnz).to(torch.int64).clamp(min=0)
         counts["n"] = torch.minimum(torch.minimum(n, caps_t), growable)
@@ -263,7 +267,7 @@ def update_layers_batched(
     dropped = segment_top_(drop_keys, bases, drop_count, len(names))
     del drop_keys
     kept = dropped.logical_not_().logical_and_(mask)  # in the memory of `dropped`
-    grown = segment_top_(grow_keys.masked_fill_(kept, NEVER), bases, counts["n"], len(names))
+    grown = segment_top_(exclude_(grow_keys, kept, grow_keys), bases, counts["n"], len(names))
     del grow_keys
     new_mask = kept.logical_or_(grown)
     new_masks = {nm: part.view(masks[nm].shape) for nm, part in zip(names, new_mask.split(sizes))}

@@ -28,18 +28,22 @@ ops does not depend on the number of segments. The result equals a per-segment
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["order_keys", "order_keys_", "ordered_int32_", "is_batched", "segment_top", "segment_top_", "repeat_per_segment", "bin_bases", "NEVER"]
+__all__ = ["order_keys", "order_keys_", "ordered_int32_", "exclude_", "is_batched", "segment_top", "segment_top_",
+           "repeat_per_segment", "bin_bases", "EXCLUDED_BUCKETS", "NEVER"]
 
 #: Key of an entry that must never be selected.
 NEVER = -(2**31)
 _BITS = 16
 _BINS = 1 << _BITS
 _INT32_MAGNITUDE = 0x7FFFFFFF
+_SPREAD = 0x3FFFFF  # excluded keys: level-1 buckets 0-63 (see exclude_)
+#: Level-1 buckets that only excluded entries occupy (order keys start at bucket 127).
+EXCLUDED_BUCKETS = 64
 
 
 def is_batched(values: Tensor) -> bool:
@@ -108,12 +112,29 @@ def order_keys(values: Tensor, eligible: Tensor) -> Tensor:
     return order_keys_(values + 0.0, eligible)
 
 
-def order_keys_(values: Tensor, eligible: Tensor) -> Tensor:
-    """:func:`order_keys` computed in the memory of ``values`` (float32, overwritten)."""
+def order_keys_(values: Tensor, eligible: Optional[Tensor]) -> Tensor:
+    """:func:`order_keys` computed in the memory of ``values`` (float32, overwritten);
+    ``eligible=None`` leaves every key as it is (see :func:`exclude_`)."""
     nan = values.isnan()
     keys = ordered_int32_(values.add_(0.0))  # -0.0 -> +0.0
     keys.masked_fill_(nan, _INT32_MAGNITUDE)
-    return keys.masked_fill_(~eligible, NEVER)
+    return keys if eligible is None else keys.masked_fill_(~eligible, NEVER)
+
+
+def exclude_(keys: Tensor, excluded: Tensor, spread: Tensor) -> Tensor:
+    """In place: ``keys`` at ``excluded`` entries become never-selected keys that differ
+    from entry to entry: ``NEVER | (spread & 0x3FFFFF)``, i.e. level-1 buckets 0-63 and
+    varying low bits, below every order key (``-inf``'s is in bucket 127).
+
+    Same selection as filling ``NEVER``, but the histograms of :func:`segment_top_` do
+    not pile every excluded entry of a layer onto one bin: on a GPU those are atomic
+    adds to one address, serialized (the inactive 90% of a layer). ``spread``: any
+    int32 ``[N]`` whose bits vary (e.g. another score's keys). Returns ``keys``.
+    """
+    spread = (spread & _SPREAD).bitwise_or_(NEVER)
+    if is_batched(keys):  # vmap has no batching rule for out= variants
+        return torch.where(excluded, spread, keys)
+    return torch.where(excluded, spread, keys, out=keys)
 
 
 def repeat_per_segment(sizes: tuple, values: Tensor) -> Tensor:
@@ -180,8 +201,9 @@ def segment_top(keys: Tensor, seg: Tensor, count: Tensor) -> Tensor:
 def segment_top_(keys: Tensor, bases: Tensor, count: Union[Tensor, Callable[[Tensor], Tensor]], num: int) -> Tensor:
     """:func:`segment_top` with per-entry bin bases (:func:`repeat_per_segment` of
     :func:`bin_bases`) for ``num`` segments, that overwrites ``keys``. ``count`` may be a function of the
-    level-1 histogram (int32 ``[L, 65536]``; bucket 0 holds exactly the ``NEVER``
-    entries, so row ``l`` tells segment ``l``'s selectable count).
+    level-1 histogram (int32 ``[L, 65536]``; buckets ``0 .. EXCLUDED_BUCKETS - 1`` hold
+    exactly the ``NEVER`` and :func:`exclude_` entries, so row ``l`` tells segment
+    ``l``'s selectable count).
 
     Eleven full-size passes: two to bin, a histogram, a gather of the level-2 row, two
     to bin again, a histogram, a gather of the tie flag, a scan and a gather and compare
