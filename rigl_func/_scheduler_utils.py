@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from rigl_func.config import _is_int, _is_real
+from rigl_func.config import _is_int, _is_real, _is_sparse_name
 from rigl_func.config import RigLConfig
 from rigl_func.distributions import DISTRIBUTIONS
 from rigl_func.schedules import in_accumulation_window
@@ -43,6 +43,7 @@ __all__ = [
     "broadcast_masks",
     "describe",
     "resolve_hyperparams",
+    "saved_hyperparams",
     "state_from_dict",
 ]
 
@@ -57,7 +58,22 @@ HYPERPARAMS = {
     "static_topo": False,
     "grad_accumulation_n": 1,
     "grow": "gradient",  # ours (keyword-only): "gradient" = RigL, "random" = SET, "ema" = SNFS
+    "include": (),  # ours (keyword-only): the RigLConfig layer rules
+    "exclude": (),
+    "dense": (),
 }
+
+#: Keys that checkpoints written before they existed lack (read as their defaults).
+_LAYER_RULES = ("include", "exclude", "dense")
+
+
+def saved_hyperparams(saved: Mapping) -> dict:
+    """A checkpoint's hyperparameters, layer rules defaulted and as tuples."""
+    out = dict(saved)
+    for name in _LAYER_RULES:
+        value = out.get(name, ())
+        out[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return out
 
 #: ``grow=`` value -> core method.
 GROW_METHODS = {"gradient": "rigl", "random": "set", "ema": "snfs"}
@@ -83,6 +99,11 @@ def check_hyperparams(hp: Mapping) -> dict:
         ValueError: an argument is out of range.
     """
     hp = dict(hp)
+    for name in _LAYER_RULES:
+        value = hp[name]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
+        hp[name] = tuple(value)
     if hp["grow"] not in GROW_METHODS:
         raise ValueError(f"grow must be one of {sorted(GROW_METHODS)}, got grow={hp['grow']!r}")
     d = hp["dense_allocation"]
@@ -160,9 +181,11 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
             dense.append(name)
         elif hp["ignore_linear_layers"] and isinstance(module, nn.Linear):
             dense.append(name)
+    dense = list(dict.fromkeys(dense + list(hp["dense"])))
     # With no sparse layer left the distribution is never evaluated; ER/ERK raise on an
     # empty layer set (core: erk({}) -> ValueError), uniform returns {}.
-    distribution = hp["sparsity_distribution"] if len(dense) < len(names) else "uniform"
+    n_sparse = sum(_is_sparse_name(_Rules(hp["include"], hp["exclude"], tuple(dense)), n) for n in names)
+    distribution = hp["sparsity_distribution"] if n_sparse else "uniform"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -170,13 +193,20 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
                 t_end=hp["T_end"], sparsity=1.0 - float(hp["dense_allocation"]), distribution=distribution,
                 delta=hp["delta"], alpha=float(hp["alpha"]), grad_accumulation_n=hp["grad_accumulation_n"],
                 dense=tuple(dense), method=GROW_METHODS[hp["grow"]],
+                include=hp["include"], exclude=hp["exclude"],
             )
         except (TypeError, ValueError) as err:
             raise type(err)(_rename(str(err))) from err
-    if not hp["static_topo"] and len(dense) < len(names):
+    if not hp["static_topo"] and n_sparse:
         for w in caught:
             warnings.warn(_rename(str(w.message)), w.category, stacklevel=3)
     return cfg
+
+
+class _Rules(NamedTuple):
+    include: tuple
+    exclude: tuple
+    dense: tuple
 
 
 def resolve_hyperparams(given: Mapping, saved: Mapping) -> dict:
@@ -188,6 +218,7 @@ def resolve_hyperparams(given: Mapping, saved: Mapping) -> dict:
         ValueError: listing every argument that contradicts the checkpoint.
     """
     out, clashes = {}, []
+    saved = saved_hyperparams(saved)
     for name, default in HYPERPARAMS.items():
         if name not in saved:
             raise ValueError(f"state_dict['hyperparams'] lacks {name!r}; not a RigLScheduler checkpoint?")
@@ -385,8 +416,8 @@ def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfi
         masks={n: masks[n].to(params[n].device, copy=True) for n in want},
         step=torch.tensor(int(step), dtype=torch.int64, device=step_device),
         num_updates=torch.tensor(int(rigl_steps), dtype=torch.int64, device=step_device),
-        grad_acc={n: t.to(params[n].device) for n, t in grad_acc.items()},
-        ema={n: t.to(params[n].device) for n, t in sd.get("ema", {}).items()},
+        grad_acc={n: t.to(params[n].device, params[n].dtype) for n, t in grad_acc.items()},
+        ema={n: t.to(params[n].device, params[n].dtype) for n, t in sd.get("ema", {}).items()},
         key=torch.tensor(int(sd.get("key", 0)), dtype=torch.int64, device=step_device),
     )
     return state, int(step), int(rigl_steps)

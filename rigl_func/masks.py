@@ -11,6 +11,7 @@ topology of RigL is random with an exact number of active entries per layer
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -47,9 +48,16 @@ def sparse_param_names(model_or_params: Union[nn.Module, Params], config: Option
 
     From a module: the ``weight`` of every ``Linear`` and ``Conv{1,2,3}d`` (and
     transposed convs and subclasses); never biases, normalization layers or
-    embeddings. From a params dict (no module types available): every tensor with
-    at least 2 dims. Then ``config.include`` / ``config.exclude`` / ``config.dense``
-    filter the names.
+    embeddings -- also not a weight tied to an ``nn.Embedding`` (an LM head sharing
+    the embedding matrix stays dense, whatever the definition order). A layer whose
+    weight is parametrized (``torch.nn.utils.parametrize``, ``spectral_norm``,
+    ``weight_norm``) has no plain ``weight`` parameter: it stays dense, with a
+    ``UserWarning`` naming it. From a params dict (no module types available): every
+    floating-point tensor with at least 2 dims (integer/bool entries are skipped; the
+    dict should hold parameters only -- a 2-D float buffer cannot be told apart, and
+    LSTM, embedding and ``in_proj_weight`` tensors are sparse here: pass the module,
+    or ``config.exclude``, for the module rule). Then ``config.include`` /
+    ``config.exclude`` / ``config.dense`` filter the names.
 
     Args:
         model_or_params: an ``nn.Module`` or a ``dict[str, Tensor]``.
@@ -65,15 +73,22 @@ def sparse_param_names(model_or_params: Union[nn.Module, Params], config: Option
         ['0.weight', '2.weight']
     """
     if isinstance(model_or_params, nn.Module):
-        candidates = []
-        for mod_name, module in model_or_params.named_modules():
-            if isinstance(module, SPARSIFIABLE_MODULES) and isinstance(getattr(module, "weight", None), Tensor):
-                candidates.append(f"{mod_name}.weight" if mod_name else "weight")
-        order = [name for name, _ in model_or_params.named_parameters()]
-        chosen = set(candidates)
-        names = [n for n in order if n in chosen]
+        candidates, tied, wrapped = set(), set(), []
+        for mod_name, module in model_or_params.named_modules(remove_duplicate=False):
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                tied.add(id(module.weight))
+            elif isinstance(module, SPARSIFIABLE_MODULES):
+                if isinstance(module._parameters.get("weight"), Tensor):
+                    candidates.add(id(module._parameters["weight"]))
+                elif isinstance(getattr(module, "weight", None), Tensor):
+                    wrapped.append(mod_name)
+        if wrapped:
+            warnings.warn(f"layers {sorted(set(wrapped))} have a parametrized weight (parametrize, spectral_norm or "
+                          "weight_norm) and stay dense: remove the parametrization to sparsify them", stacklevel=2)
+        names = [n for n, p in model_or_params.named_parameters() if id(p) in candidates and id(p) not in tied]
     elif isinstance(model_or_params, Mapping):
-        names = [n for n, t in model_or_params.items() if isinstance(t, Tensor) and t.dim() >= 2]
+        names = [n for n, t in model_or_params.items()
+                 if isinstance(t, Tensor) and t.dim() >= 2 and t.is_floating_point()]
     else:
         raise TypeError(f"model_or_params must be an nn.Module or a dict of tensors, got {type(model_or_params).__name__}")
     return names if config is None else [n for n in names if config.is_sparse_name(n)]

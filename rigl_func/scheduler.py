@@ -50,12 +50,14 @@ sync (``tests/test_masking_launches.py``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Optional
 
 import torch
 from torch import Tensor, nn  # noqa: F401  (nn: used by the doctest)
 
+from rigl_func import _scheduler_checks as C
 from rigl_func import _scheduler_utils as U
 from rigl_func.config import RigLConfig
 from rigl_func.masks import sparse_param_names, target_sparsities
@@ -85,7 +87,7 @@ class _GradMaskHook:
         task = _graph_task_id()
         if sched._queued == task:
             return
-        sched._queued, sched._clean = task, False
+        sched._queued, sched._clean, sched._fresh, sched._undo = task, False, True, None
         torch.autograd.Variable._execution_engine.queue_callback(sched._end_of_backward)
 
 
@@ -136,6 +138,13 @@ class RigLScheduler:
             ``torch.distributed`` rank 0's are broadcast).
         grow: keyword-only; the grow criterion: ``"gradient"`` (RigL, default),
             ``"random"`` (SET) or ``"ema"`` (SNFS: EMA of dense gradients, momentum 0.9).
+        include, exclude, dense: keyword-only; the :class:`RigLConfig` layer rules
+            (regexes / exact names of Linear/Conv weights), e.g. ``dense=("conv1.weight",)``
+            keeps a frozen layer dense.
+        grad_scaler: keyword-only; the ``torch.amp.GradScaler`` of the loop. On the
+            iterations that feed an update ``pruner()`` unscales the gradients
+            (``scaler.unscale_(optimizer)``), so the update sees true gradients and
+            ``scaler.update()`` works after a RigL step.
 
     Attributes:
         W: the sparsifiable weights (list of ``nn.Parameter``), model order.
@@ -170,17 +179,17 @@ class RigLScheduler:
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
-                 state_dict=None, *, seed: int = 0, grow: str = "gradient"):
+                 state_dict=None, *, seed: int = 0, grow: str = "gradient", include=(), exclude=(), dense=(),
+                 grad_scaler=None):
         module = U.unwrap_model(model)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got optimizer={type(optimizer).__name__}")
+        C.check_optimizer(optimizer)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got seed={seed!r}")
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta=delta, alpha=alpha, static_topo=static_topo,
-                  grad_accumulation_n=grad_accumulation_n, grow=grow)
+                  grad_accumulation_n=grad_accumulation_n, grow=grow, include=include, exclude=exclude, dense=dense)
         if state_dict is not None:
-            self._check_format(state_dict)
+            C.check_format(state_dict)
             hp = U.resolve_hyperparams(hp, state_dict["hyperparams"])
         self._hp = U.check_hyperparams(hp)
 
@@ -188,7 +197,8 @@ class RigLScheduler:
         modules = dict(module.named_modules())
         self.layer_names = sparse_param_names(module, _ALL_LAYERS)
         if not self.layer_names:
-            raise ValueError(f"model has no Linear or Conv layer to sparsify ({type(module).__name__})")
+            raise C.no_layers_error(module)
+        C.check_dense_names(self._hp["dense"], self.layer_names)
         for name in self.layer_names:
             if _registered_to(all_params[name]) is not None:
                 raise RuntimeError(f"model is already registered with a RigLScheduler (weight {name!r} has its "
@@ -196,8 +206,13 @@ class RigLScheduler:
         owners = {n: modules[n.rpartition(".")[0]] for n in self.layer_names}
         self.config = U.make_config(self._hp, owners)
         self._params = {n: all_params[n] for n in self.layer_names if self.config.is_sparse_name(n)}
-        self._check_trainable(optimizer)
+        C.check_materialized(self._params)
+        C.check_trainable(self._params, optimizer)
         self.model, self.optimizer, self.seed, self._module = model, optimizer, seed, module
+        self.grad_scaler = grad_scaler
+        # _stale: weights/state loaded after the scheduler, not yet re-masked (_fwd: the
+        # one-shot forward pre hook that does it). _undo: what the initial masking zeroed.
+        self._stale, self._fwd, self._undo = False, None, None
         self.W = [all_params[n] for n in self.layer_names]
         self.N = [w.numel() for w in self.W]
         shapes = {n: tuple(p.shape) for n, p in self._params.items()}
@@ -208,44 +223,46 @@ class RigLScheduler:
         if state_dict is not None:
             self._set_state(state_dict, step_device)
         else:
+            undo = C.save_undo(self._params, optimizer)
             self._install(init_state(module, self.config, seed=seed), 0, 0)
+            self._undo = C.stamp_undo(undo)  # freed by the first backward, pruner() or step
         self._queued: Optional[int] = None  # graph task whose end-of-backward callback is pending
-        hook = _GradMaskHook(self)
+        # _fresh: a backward reached the sparse weights since the last call; _marks: the
+        # gradients (object, version) at the last call that saw none.
+        self._fresh, self._marks = False, None
+        self._attach()
+
+    def _attach(self) -> None:
+        hook, load = _GradMaskHook(self), C.LoadHook(self)
         self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self._params.values()]
-        self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._handles += [self.optimizer.register_step_post_hook(self._after_optimizer_step),
+                          self._module.register_load_state_dict_post_hook(load),
+                          self.optimizer.register_load_state_dict_post_hook(load)]
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy / pickle: hooks are not copied; __setstate__ registers the copy's
+        # own on the copied model and optimizer (copy them together: deepcopy((model, opt, pruner))).
+        state = dict(self.__dict__)
+        state.update(_handles=[], _fwd=None, _undo=None, _queued=None,
+                     _marks=self._marks if self._marks == "backward" else None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if any(_registered_to(p) is not None for p in self._params.values()):
+            raise RuntimeError("the copied model's weights are already registered with a RigLScheduler")
+        self._attach()
 
     # ------------------------------------------------------------------ setup
-    def _check_trainable(self, optimizer: torch.optim.Optimizer) -> None:
-        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, p in self._params.items():
-            if not p.requires_grad:
-                raise ValueError(f"weight {name!r} has requires_grad=False; RigL needs its gradient (unfreeze it, "
-                                 "or keep it dense, e.g. ignore_linear_layers=True for a Linear layer)")
-            if id(p) not in in_opt:
-                raise ValueError(f"weight {name!r} is not in the optimizer's param_groups; pass the optimizer "
-                                 "that trains this model")
-
-    @staticmethod
-    def _check_format(sd) -> None:
-        if not isinstance(sd, Mapping):
-            raise TypeError(f"state_dict must be a dict from RigLScheduler.state_dict(), got {type(sd).__name__}")
-        if sd.get("format") != U.FORMAT:
-            hint = (" (this looks like a rigl-torch checkpoint; its masks use a different rounding of the "
-                    "per-layer counts and cannot be loaded)" if "backward_masks" in sd else "")
-            raise ValueError(f"state_dict is not a {U.FORMAT} checkpoint{hint}")
-        for key in ("hyperparams", "masks", "step", "rigl_steps"):
-            if key not in sd:
-                raise ValueError(f"state_dict lacks the key {key!r}")
-
-    def _set_state(self, sd: Mapping, step_device: torch.device) -> None:
+    def _set_state(self, sd: Mapping, step_device: torch.device, undo: Optional[C.Undo] = None) -> None:
         params = {n: w for n, w in zip(self.layer_names, self.W)}
         if list(sd.get("layers", self.layer_names)) != self.layer_names:
             raise ValueError(f"state_dict was saved for layers {list(sd['layers'])} but this model has "
                              f"{self.layer_names}: the checkpoint is from a different model")
         state, step, rigl_steps = U.state_from_dict(sd, params, self.config, step_device)
-        self._install(state, step, rigl_steps)
+        self._install(state, step, rigl_steps, undo)
 
-    def _install(self, state: RigLState, step: int, rigl_steps: int) -> None:
+    def _install(self, state: RigLState, step: int, rigl_steps: int, undo: Optional[C.Undo] = None) -> None:
         """Broadcast rank 0's masks (under torch.distributed), validate, and make the
         model and optimizer obey them."""
         state = state._replace(masks=U.broadcast_masks(state.masks))
@@ -253,11 +270,12 @@ class RigLScheduler:
             check_state(state, {n: w for n, w in zip(self.layer_names, self.W)}, self.config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"state does not fit this model/config: {err}") from err
+        C.restore_undo_(undo, self.optimizer)
         masks, self._groups = U.pack_masks(state.masks, self._params)
         self._state, self._step, self._rigl_steps = state._replace(masks=masks), step, rigl_steps
         self._refresh()
-        U.mask_weights_(self._params, self._groups)
-        mask_torch_optimizer_state_(self.optimizer, self._params, masks)
+        self._stale = True
+        self._remask_()
         U.mask_grads_(self._params, self._groups)
         # _clean: the gradients are masked and no optimizer state or weight has seen an
         # unmasked one, so a zero-preserving optimizer step keeps inactive entries 0.
@@ -271,9 +289,31 @@ class RigLScheduler:
 
     def remove(self) -> None:
         """Detach from the model and optimizer (hooks removed); masks stay applied."""
-        for handle in self._handles:
+        for handle in self._handles + ([self._fwd] if self._fwd is not None else []):
             handle.remove()
-        self._handles = []
+        self._handles, self._fwd = [], None
+
+    def _on_load(self, forward: bool) -> None:
+        """LoadHook: the model's or optimizer's ``load_state_dict`` ran (arm a one-shot
+        forward pre hook; ``pruner()``, the step hook or ``load_state_dict`` may come
+        first), or that forward pre hook fired (re-mask now)."""
+        if forward:
+            self._remask_()
+            return
+        self._stale, self._clean = True, False
+        if self._fwd is None:
+            self._fwd = self._module.register_forward_pre_hook(C.LoadHook(self, forward=True))
+
+    @torch.no_grad()
+    def _remask_(self) -> None:
+        """Zero weights and optimizer state at inactive entries if something loaded them."""
+        if self._fwd is not None:
+            self._fwd.remove()
+            self._fwd = None
+        if self._stale:
+            self._stale = False
+            U.mask_weights_(self._params, self._groups)
+            mask_torch_optimizer_state_(self.optimizer, self._params, self._state.masks)
 
     # ------------------------------------------------------------------ training
     def __call__(self) -> bool:
@@ -283,9 +323,23 @@ class RigLScheduler:
             ``False`` on a RigL step (the update replaced the optimizer step: do not
             call ``optimizer.step()``), ``True`` otherwise.
         """
+        self._remask_()
+        self._undo = None
+        if not self._fresh and C.no_new_grads(self._params, self._marks):
+            warnings.warn("pruner() was called without a backward since its last call (or every gradient is None): "
+                          "the call is skipped -- not counted, topology unchanged. Call it once per iteration, "
+                          "after loss.backward()", UserWarning, stacklevel=2)
+            return True
+        if self._fresh:
+            self._fresh, self._marks = False, "backward"
         dense = self._dense_next  # this iteration's gradients were left dense for the update
         masked, pending = self._masked, self._queued is not None  # pending: a backward raised
         self._masked, self._queued = False, None
+        do_update = (not self.static_topo and bool(self._params)
+                     and bool(is_update_step(self._step + 1, self.config)))
+        if dense or do_update:
+            C.unscale_(self.grad_scaler, self.optimizer)
+            self._state, self._groups = C.follow_dtypes(self._state, self._groups, self._params)
         if dense:
             grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
             self._state = accumulate(self._state, grads, self.config)
@@ -297,7 +351,6 @@ class RigLScheduler:
         self._step += 1
         # No sparse layer (dense_allocation=1): nothing to update, so never skip the
         # optimizer step (rigl-torch returns False every delta steps even then).
-        do_update = not self.static_topo and bool(self._params) and bool(is_update_step(self._step, self.config))
         if do_update:
             if not dense:  # not reached with the core's schedules (an update step is in its window)
                 grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._params.items()}
@@ -309,6 +362,8 @@ class RigLScheduler:
             U.mask_grads_(self._params, self._groups)
         self._clean = True
         self._refresh()
+        if self._marks != "backward":  # gradients written by hand: remember them (after masking)
+            self._marks = C.grad_marks(self._params)
         return not do_update
 
     @torch.no_grad()
@@ -339,8 +394,10 @@ class RigLScheduler:
         # SGD/Adam/AdamW keep both zero (0 * anything finite, lr * 0 / (0 + eps)), so
         # re-masking them would be wasted passes (tests/test_scheduler.py's invariant
         # tests check weights, grads and moments after every step).
+        self._undo = None
         if self._clean and preserves_zeros(optimizer):
             return
+        self._stale = False
         U.mask_weights_(self._params, self._groups)
         mask_torch_optimizer_state_(optimizer, self._params, self._state.masks)
 
@@ -394,7 +451,7 @@ class RigLScheduler:
         scheduler replaces them, never edits them in place. Save it with ``torch.save``."""
         return {
             "format": U.FORMAT,
-            "hyperparams": dict(self._hp),
+            "hyperparams": {k: v for k, v in self._hp.items() if v != () or k not in ("include", "exclude", "dense")},
             "layers": list(self.layer_names),
             "N": list(self.N),
             "S": list(self.S),
@@ -409,20 +466,20 @@ class RigLScheduler:
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore a :meth:`state_dict`; the weights and optimizer state are re-masked.
 
-        Load the model's weights too (before or after). Under ``torch.distributed``
-        this is a collective (rank 0's masks are broadcast): call it on every rank.
+        Load the model's weights and the optimizer too, before or after, in any order:
+        the result is bitwise that of the uninterrupted run (weights zeroed by the
+        constructor's initial masking are put back, if nothing wrote them since).
+        Under ``torch.distributed`` this is a collective (rank 0's masks are
+        broadcast): call it on every rank.
 
         Raises:
             ValueError: the checkpoint's hyperparameters differ from this scheduler's
                 (every difference is listed), or it is from a different model.
         """
-        self._check_format(state_dict)
-        saved = state_dict["hyperparams"]
-        diff = [f"{k}: scheduler {self._hp[k]!r} vs state_dict {saved.get(k)!r}"
-                for k in U.HYPERPARAMS if saved.get(k) != self._hp[k]]
-        if diff:
-            raise ValueError("state_dict was saved with other hyperparameters: " + "; ".join(diff))
-        self._set_state(state_dict, self._state.step.device)
+        C.check_format(state_dict)
+        C.check_same_hyperparams(self._hp, state_dict["hyperparams"])
+        undo, self._undo = self._undo, None  # model/optimizer loaded before the scheduler existed
+        self._set_state(state_dict, self._state.step.device, undo)
 
     # ------------------------------------------------------------------ printing
     def __str__(self) -> str:

@@ -179,6 +179,9 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
             raise TypeError(f"state.{field} must be a 0-d int64 tensor, got {value!r}")
     expected = target_nnz({k: tuple(m.shape) for k, m in state.masks.items()}, config)
     for name, mask in state.masks.items():
+        if mask.device.type == "meta":
+            raise ValueError(f"state.masks[{name!r}] is on the meta device (deferred initialization): materialize "
+                             "the model first (model.to_empty(device=...) and initialize it), then build the state")
         actual = int(mask.sum())
         if actual != expected[name]:
             rule = f"distribution={config.distribution!r}, sparsity={config.sparsity}"

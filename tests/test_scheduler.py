@@ -308,11 +308,16 @@ def test_update_uses_dense_grads_of_the_window(k):
 
 
 def test_none_grad_is_tolerated():
+    # Issue 12 (lifecycle item 2): a call without gradients is skipped with a warning,
+    # never an update that grows by index.
     model, opt, pruner = build("mlp", delta=3)
+    masks = [m.clone() for m in pruner.backward_masks if m is not None]
     for t in range(4):
         opt.zero_grad(set_to_none=True)
-        assert pruner() is (t + 1 != 3)  # no backward at all: grads are None
-    assert pruner.rigl_steps == 1
+        with pytest.warns(UserWarning, match="without a backward"):
+            assert pruner() is True  # no backward at all: grads are None
+    assert pruner.rigl_steps == 0 and pruner.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(masks, [m for m in pruner.backward_masks if m is not None]))
 
 
 # --------------------------------------------------------------------------- item 5
