@@ -240,7 +240,7 @@ class PaperPruning:
 
 @pytest.fixture(scope="module")
 def resnet50():
-    torchvision = pytest.importorskip("torchvision", reason="torchvision is needed for the ResNet-50 FLOP figures")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed (the 'vision' extra): ResNet-50 FLOP figures skipped")
     import rigl_func as rf
 
     with torch.device("meta"):  # shapes only: no weights allocated, no real compute
@@ -312,7 +312,7 @@ def test_resnet50_rigl_5x_readme(resnet50):
 
 
 def test_resnet50_relative_flops_from_module():
-    torchvision = pytest.importorskip("torchvision", reason="torchvision is needed for the ResNet-50 FLOP figures")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed (the 'vision' extra): ResNet-50 FLOP figures skipped")
     import rigl_func as rf
 
     with torch.device("meta"):

@@ -16,7 +16,7 @@ import torch
 import rigl_func as rf
 from rigl_func.checkpoint import load_checkpoint
 
-pytest.importorskip("torchvision", reason="torchvision (dev extra) not installed: full-scale scripts not smoke-tested")
+pytest.importorskip("torchvision", reason="torchvision not installed (the 'vision' extra, with a torchvision matching your torch): full-scale scripts not smoke-tested")
 
 from conftest import EXAMPLES, load_example as _load  # noqa: E402  (shared test helper)
 
