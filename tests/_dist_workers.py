@@ -28,6 +28,7 @@ from torch.func import functional_call, grad
 import rigl_func as rf
 from rigl_func import distributed as rd
 from rigl_func.checkpoint import load_checkpoint, save_checkpoint
+from _timeouts import timeout_s
 
 B = 8  # per-rank batch of the 2-rank runs; the 1-process twin uses 2 * B
 STEPS = 24
@@ -119,7 +120,7 @@ def packed(tree) -> torch.Tensor:
 def _setup(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s(600)))
 
 
 def _run_checks(rank: int, out_dir: str, checks: dict) -> None:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _dist_workers as W
+from _timeouts import timeout_s
 import rigl_func as rf
 from rigl_func import distributed as rd
 from rigl_func.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
@@ -214,7 +215,7 @@ def test_hard_exit_inside_torch_save_leaves_previous_checkpoint_and_a_distinct_t
         torch.save = dying_save
         save_checkpoint({{"step": torch.tensor(2)}}, {str(path)!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s(300))
     assert proc.returncode == 9, proc.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0] == "ckpt.pt" and names[1].startswith("ckpt.pt.") and names[1].endswith(".tmp")
@@ -292,7 +293,7 @@ def _launch_example(args: list, port: int) -> list:
 
 
 def _wait_ok(procs: list) -> None:
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+    outs = [p.communicate(timeout=timeout_s(900))[0] for p in procs]  # hang guard only
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
 
 
@@ -304,9 +305,9 @@ def test_rank_killed_mid_run_leaves_a_complete_checkpoint_and_resume_is_exact(tm
 
     procs = _launch_example(common + ["--ckpt", str(part), "--save-every", "1"], _free_port())
     try:
-        deadline = time.time() + 120
+        deadline = time.monotonic() + timeout_s(600)  # hang guard only
         while not (part.exists() and load_checkpoint(part)["t"] >= 7):  # a few saves done: rank 0 saves every step
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "the run ended before the kill"
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run ended before the kill"
             time.sleep(0.005)
         os.kill(procs[0].pid, signal.SIGKILL)  # the writer, at an arbitrary moment (possibly inside a save)
     finally:

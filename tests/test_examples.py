@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import EXAMPLES, load_example as _load  # shared test helper
+from _timeouts import timeout_s
 
 
 def test_functional_step_learns():
@@ -18,7 +19,7 @@ def test_functional_step_learns():
 
 def test_rigl_torch_style_script_runs():
     out = subprocess.run([sys.executable, str(EXAMPLES / "rigl_torch_style.py"), "--steps", "20"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=timeout_s(600))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RigLScheduler" in out.stdout or "step" in out.stdout
 

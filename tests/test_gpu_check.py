@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from _timeouts import timeout_s
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 WHEELS = ROOT / "benchmarks" / "wheels"
@@ -22,7 +24,7 @@ WHEELS = ROOT / "benchmarks" / "wheels"
 def quick_report(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpu_quick")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout_s(900))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -56,7 +58,7 @@ def test_quick_report_json(quick_report):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_script_parses():
-    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, timeout=timeout_s(120))
     assert proc.returncode == 0, proc.stderr
     text = SCRIPT.read_text()
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
@@ -64,7 +66,7 @@ def test_gpu_check_script_parses():
 
 
 def test_gpu_check_script_usage_error():
-    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=timeout_s(120))
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
@@ -74,5 +76,5 @@ def test_wheels_are_small_and_not_ignored():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     for wheel in wheels:
-        ignored = subprocess.run(["git", "check-ignore", "-q", str(wheel)], cwd=ROOT, timeout=60)
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(wheel)], cwd=ROOT, timeout=timeout_s(120))
         assert ignored.returncode == 1, f"{wheel.name} is ignored by .gitignore"

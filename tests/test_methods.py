@@ -44,6 +44,8 @@ from hypothesis import strategies as st
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from _timeouts import timeout_s
+
 import rigl_func as rf
 from rigl_func import (
     RigLConfig,
@@ -244,7 +246,7 @@ def test_set_same_seed_identical_masks_in_another_process():
     code = _SET_SCRIPT + "\ntorch.manual_seed(987)\nprint(set_checksum(7))\nprint(set_checksum(8))\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=True).stdout.split()
+                         timeout=timeout_s(600), check=True).stdout.split()
     assert out[0] == here
     assert out[1] != here
 
