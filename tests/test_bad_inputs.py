@@ -239,7 +239,7 @@ def _tiny_sparsity():
 
 def _check_tiny_sparsity(result, watched):
     w = watched["world"]
-    # nnz = max(1, round_half_up(0.001 * numel)): 0.03 -> 1 (at least one), 2.0 -> 2
+    # nnz = max(1, numel - floor(0.999 * numel)): 30 - floor(29.97) = 1, 2000 - 1998 = 2
     assert {k: int(m.sum()) for k, m in w["state"].masks.items()} == {"a": 1, "big": 2}
     params, state = result  # topk size floor(0.3 * nnz) = 0: nothing can move
     assert snap(state.masks) == snap(w["state"].masks) and snap(params) == snap(w["params"])
@@ -399,7 +399,7 @@ DOC_ROWS = [
         "allowed: every mask is all True (nnz = numel) and `update_topology` leaves masks and params bitwise "
         "unchanged (nothing to grow); `num_updates` still counts it", _sparsity_zero, check=_check_sparsity_zero),
     Row("sparsity-0.999", "`sparsity=0.999` on layers of 30 and 2000 entries",
-        "allowed: `nnz = max(1, round_half_up(0.001 * numel))` = 1 and 2; with `topk` size "
+        "allowed: `nnz = max(1, numel - floor(0.999 * numel))` = 1 and 2; with `topk` size "
         "`floor(alpha * nnz) = 0` the update moves nothing", _tiny_sparsity, check=_check_tiny_sparsity),
     Row("one-element-layer", "a `[1, 1]` sparse layer at `sparsity=0.9`",
         "keeps its single weight (nnz = 1) and is never changed by an update", _one_element, check=_check_one_element),

@@ -142,10 +142,10 @@ def moments(opt, p):
 INITIAL = {
     ("mlp", False): {"0.weight": None, "2.weight": 205, "4.weight": 32},
     ("mlp", True): {"0.weight": None, "2.weight": None, "4.weight": None},
-    ("cnn_bn", False): {"0.weight": None, "3.weight": 230, "8.weight": 16},
-    ("cnn_bn", True): {"0.weight": None, "3.weight": 230, "8.weight": None},
-    ("tiny_resnet", False): {"conv1.weight": None, "layer1.conv1.weight": 115, "layer1.conv2.weight": 115,
-                             "layer2.conv1.weight": 230, "layer2.conv2.weight": 461,
+    ("cnn_bn", False): {"0.weight": None, "3.weight": 231, "8.weight": 16},
+    ("cnn_bn", True): {"0.weight": None, "3.weight": 231, "8.weight": None},
+    ("tiny_resnet", False): {"conv1.weight": None, "layer1.conv1.weight": 116, "layer1.conv2.weight": 116,
+                             "layer2.conv1.weight": 231, "layer2.conv2.weight": 461,
                              "layer2.downsample.0.weight": 26, "fc.weight": 16},
 }
 
