@@ -35,7 +35,6 @@ __all__ = [
     "Undo",
     "save_undo",
     "restore_undo_",
-    "LoadHook",
     "unscale_",
 ]
 
@@ -132,31 +131,6 @@ def restore_undo_(undo: Optional[Undo], optimizer: torch.optim.Optimizer) -> Non
     for p, key, t, copy, version in undo.state:
         if optimizer.state.get(p, {}).get(key) is t and t._version == version:
             t.copy_(copy)
-
-
-class LoadHook:
-    """Load-state-dict post hook of the model and the optimizer, and the one-shot forward
-    pre hook they arm: weights or state loaded after the scheduler exists are re-masked
-    before the next forward (or ``pruner()`` / ``optimizer.step()``). Holds the
-    scheduler weakly; a deep copy or an unpickled copy is a no-op (the copied scheduler
-    registers its own)."""
-
-    __slots__ = ("ref", "forward")
-
-    def __init__(self, scheduler=None, forward: bool = False) -> None:
-        self.ref = weakref.ref(scheduler) if scheduler is not None else None
-        self.forward = forward
-
-    def __call__(self, *args) -> None:
-        sched = self.ref() if self.ref is not None else None
-        if sched is not None:
-            sched._on_load(forward=self.forward)
-
-    def __deepcopy__(self, memo) -> "LoadHook":
-        return LoadHook()
-
-    def __reduce__(self):
-        return (LoadHook, ())
 
 
 def unscale_(scaler, optimizer: torch.optim.Optimizer) -> None:

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn  # noqa: F401  (nn: used by the doctest)
 
 from rigl_func import _scheduler_checks as C
+from rigl_func._scheduler_hooks import GradMaskHook, LoadHook, registered_to
 from rigl_func import _scheduler_utils as U
 from rigl_func.config import RigLConfig
 from rigl_func.masks import sparse_param_names, target_sparsities
@@ -70,42 +71,6 @@ __all__ = ["RigLScheduler"]
 
 # Lists every Linear/Conv weight: no include/exclude/dense rules.
 _ALL_LAYERS = RigLConfig(t_end=3, delta=2)
-
-
-class _GradMaskHook:
-    """Post-accumulate-grad hook shared by all sparse weights; also marks them as
-    registered. The first firing in a backward queues one end-of-backward callback;
-    the others return after one flag test."""
-
-    __slots__ = ("scheduler",)
-
-    def __init__(self, scheduler: RigLScheduler) -> None:
-        self.scheduler = scheduler
-
-    def __call__(self, param: Tensor) -> None:
-        sched = self.scheduler
-        task = _graph_task_id()
-        if sched._queued == task:
-            return
-        sched._queued, sched._clean, sched._fresh, sched._undo = task, False, True, None
-        torch.autograd.Variable._execution_engine.queue_callback(sched._end_of_backward)
-
-
-# Id of the running backward pass (torch >= 2.1): a new backward queues its own callback
-# even when an earlier one raised before its callback ran.
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
-
-
-def _registered_to(param: Tensor) -> Optional[RigLScheduler]:
-    # The live hook is the registration mark: it goes away with remove(), is not copied
-    # by deepcopy and is not pickled (an attribute on the model or weight would be).
-    # ``_post_accumulate_grad_hooks`` is where Tensor.register_post_accumulate_grad_hook
-    # keeps hooks (torch >= 2.1).
-    hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
-    for hook in hooks.values():
-        if isinstance(hook, _GradMaskHook):
-            return hook.scheduler
-    return None
 
 
 def _hp_property(key: str, doc: str) -> property:
@@ -166,7 +131,7 @@ class RigLScheduler:
         >>> pruner = RigLScheduler(net, opt, dense_allocation=0.25, T_end=75, delta=10,
         ...                        sparsity_distribution="erk", ignore_linear_layers=False)
         >>> [None if m is None else int(m.sum()) for m in pruner.backward_masks]
-        [26, 22]
+        [27, 22]
         >>> for _ in range(10):
         ...     opt.zero_grad()
         ...     net(torch.randn(4, 8)).pow(2).mean().backward()
@@ -200,7 +165,7 @@ class RigLScheduler:
             raise C.no_layers_error(module)
         C.check_dense_names(self._hp["dense"], self.layer_names)
         for name in self.layer_names:
-            if _registered_to(all_params[name]) is not None:
+            if registered_to(all_params[name]) is not None:
                 raise RuntimeError(f"model is already registered with a RigLScheduler (weight {name!r} has its "
                                    "hooks); call .remove() on the old scheduler before creating a new one")
         owners = {n: modules[n.rpartition(".")[0]] for n in self.layer_names}
@@ -233,7 +198,7 @@ class RigLScheduler:
         self._attach()
 
     def _attach(self) -> None:
-        hook, load = _GradMaskHook(self), C.LoadHook(self)
+        hook, load = GradMaskHook(self), LoadHook(self)
         self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self._params.values()]
         self._handles += [self.optimizer.register_step_post_hook(self._after_optimizer_step),
                           self._module.register_load_state_dict_post_hook(load),
@@ -249,7 +214,7 @@ class RigLScheduler:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if any(_registered_to(p) is not None for p in self._params.values()):
+        if any(registered_to(p) is not None for p in self._params.values()):
             raise RuntimeError("the copied model's weights are already registered with a RigLScheduler")
         self._attach()
 
@@ -302,7 +267,7 @@ class RigLScheduler:
             return
         self._stale, self._clean = True, False
         if self._fwd is None:
-            self._fwd = self._module.register_forward_pre_hook(C.LoadHook(self, forward=True))
+            self._fwd = self._module.register_forward_pre_hook(LoadHook(self, forward=True))
 
     @torch.no_grad()
     def _remask_(self) -> None:

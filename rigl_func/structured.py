@@ -29,7 +29,7 @@ stored.)
   shape ``[out/rows, in/cols, *k]``. A mask is a union of whole blocks. A layer with
   distribution sparsity ``s`` (from ``sparsity`` and ``distribution`` on the element
   shapes, as in the unstructured case) keeps ``nnz_for(n_blocks, s)`` blocks, i.e.
-  ``round((1 - s) * n_blocks)`` (halves up) clipped to ``[1, n_blocks]``, and
+  ``n_blocks - floor(s * n_blocks)``, at least 1, and
   ``nnz = that * rows * cols``. Dims 0 and 1 must be divisible by ``rows``/``cols``.
 
 **N:M update.** With ``nnz`` active entries and drop fraction ``f``:
@@ -151,8 +151,8 @@ def structured_nnz(name: str, shape: Any, sparsity: float, config: RigLConfig) -
     Example:
         >>> from rigl_func import RigLConfig
         >>> cfg = RigLConfig(t_end=10, delta=5, structure="block", block=(2, 2))
-        >>> structured_nnz("w", (4, 8), 0.7, cfg)  # 8 blocks, round(0.3 * 8) = 2 blocks of 4
-        8
+        >>> structured_nnz("w", (4, 8), 0.7, cfg)  # 8 blocks, 8 - floor(0.7 * 8) = 3 blocks of 4
+        12
         >>> structured_nnz("w", (4, 8), 0.7, RigLConfig(t_end=10, delta=5, structure="n:m", n_m=(1, 4)))
         8
     """
