@@ -164,8 +164,9 @@ def check_format(sd) -> None:
     if not isinstance(sd, Mapping):
         raise TypeError(f"state_dict must be a dict from RigLScheduler.state_dict(), got {type(sd).__name__}")
     if sd.get("format") != U.FORMAT:
-        hint = (" (this looks like a rigl-torch checkpoint; its masks use a different rounding of the "
-                "per-layer counts and cannot be loaded)" if "backward_masks" in sd else "")
+        hint = (" (this looks like a rigl-torch checkpoint; its layout (backward_masks, no accumulators or "
+                "random key) cannot be loaded: start from its model weights with a fresh RigLScheduler)"
+                if "backward_masks" in sd else "")
         raise ValueError(f"state_dict is not a {U.FORMAT} checkpoint{hint}")
     for key in ("hyperparams", "masks", "step", "rigl_steps"):
         if key not in sd:
