@@ -48,7 +48,7 @@ from rigl_func.schedules import (
 )
 from rigl_func.selection import drop, grow
 from rigl_func.snip import snip_grads, snip_init, snip_masks, snip_scores
-from rigl_func.state import RigLState, check_state, init_state
+from rigl_func.state import RigLState, check_state, init_state, stack_states, unstack_states
 from rigl_func.topology import accumulate, update_layer, update_topology
 
 __version__ = "0.1.0"
@@ -75,6 +75,8 @@ __all__ = [
     "grow",
     "init_masks",
     "init_state",
+    "stack_states",
+    "unstack_states",
     "in_accumulation_window",
     "is_update_step",
     "linear_schedule",

@@ -17,7 +17,7 @@ from rigl_func.config import RigLConfig
 from rigl_func.masks import init_masks, sparse_param_names, target_nnz, validate_masks
 from rigl_func.structured import check_structured_mask, init_masks_block, init_masks_n_m
 
-__all__ = ["RigLState", "init_state", "check_state", "zeros_accumulator", "zeros_ema"]
+__all__ = ["RigLState", "init_state", "check_state", "zeros_accumulator", "zeros_ema", "stack_states", "unstack_states"]
 
 
 class RigLState(NamedTuple):
@@ -206,3 +206,51 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
             if acc.shape != params[name].shape or acc.dtype != params[name].dtype:
                 raise ValueError(f"state.{field}[{name!r}] has shape/dtype {tuple(acc.shape)}/{acc.dtype}, "
                                  f"params[{name!r}] has {tuple(params[name].shape)}/{params[name].dtype}")
+
+
+def stack_states(states: list[RigLState]) -> RigLState:
+    """Stack K states leaf by leaf into one batched state (``[K, ...]`` tensors) for a
+    ``torch.func.vmap`` over K models (an ensemble of seeds). Pure.
+
+    Raises:
+        ValueError: an empty list, or states of different layers or fields.
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> cfg = RigLConfig(t_end=100, delta=10, sparsity=0.5, distribution="uniform")
+        >>> params = {"w": torch.zeros(4, 4)}
+        >>> batched = stack_states([init_state(params, cfg, seed=s) for s in range(3)])
+        >>> tuple(batched.masks["w"].shape), batched.key.tolist()
+        ((3, 4, 4), [0, 1, 2])
+    """
+    if not states:
+        raise ValueError("stack_states needs at least one state, got states=[]")
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(s) for s in states]
+    spec = flat[0][1]
+    for i, (_, other) in enumerate(flat[1:], start=1):
+        if other != spec:
+            raise ValueError(f"states[{i}] has other layers or fields than states[0]; stack states of one model")
+    return tree_unflatten([torch.stack(leaves) for leaves in zip(*(f[0] for f in flat))], spec)
+
+
+def unstack_states(state: RigLState) -> list[RigLState]:
+    """The K states of a batched state (:func:`stack_states`, or a ``vmap`` output).
+    Pure (the states are views of the batched tensors).
+
+    Example:
+        >>> from rigl_func import RigLConfig
+        >>> cfg = RigLConfig(t_end=100, delta=10, sparsity=0.5, distribution="uniform")
+        >>> states = [init_state({"w": torch.zeros(4, 4)}, cfg, seed=s) for s in range(2)]
+        >>> [int(s.key) for s in unstack_states(stack_states(states))]
+        [0, 1]
+    """
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten(state)
+    if state.step.dim() != 1 or any(leaf.dim() == 0 or leaf.shape[0] != state.step.shape[0] for leaf in leaves):
+        raise ValueError("unstack_states needs a batched state (every leaf with the same leading K dimension, "
+                         f"state.step of shape [K]), got state.step of shape {tuple(state.step.shape)}")
+    k = state.step.shape[0]
+    return [tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(k)]
