@@ -5,11 +5,11 @@ download): 4,000 training and 1,000 test sequences of length 40, 10 classes. A s
 1-D CNN is trained with the *functional* rigl_func API (``functional_call`` +
 ``update_topology``) at 90% sparsity by default. Prints a results table (test
 accuracy mean ± std over seeds, final density, training/inference FLOPs relative to
-dense) and saves plots (accuracy curves, per-layer density uniform vs ERK, mask
-turnover) and ``results.json`` to ``--out``.
+dense) and saves plots (accuracy curves, mean ± std over seeds; per-layer density uniform vs
+ERK; mask turnover, every seed) and ``results.json`` to ``--out``.
 
     pip install -e ".[examples]"
-    python examples/train_mnist1d.py                  # about 4 min on 2 CPU cores (2 worker processes)
+    python examples/train_mnist1d.py                  # about 1.5 min on 2 CPU cores (2 worker processes)
     python examples/train_mnist1d.py --seeds 5 --epochs 100 --sparsity 0.8 0.9 0.95 --device cuda
 """
 
@@ -62,53 +62,122 @@ def summarize(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(runs: list[dict], out: Path) -> list[Path]:
+def layer_labels(model: torch.nn.Module) -> dict[str, str]:
+    """Short, readable names for the weight tensors of ``model`` in model order: ``{"1.weight": "conv1", ...,
+    "14.weight": "fc2"}`` (convolutions ``convK``, linear layers ``fcK``, anything else its class name)."""
+    labels, counts = {}, {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        kind = "conv" if isinstance(module, torch.nn.modules.conv._ConvNd) else (
+            "fc" if isinstance(module, torch.nn.Linear) else type(module).__name__.lower())
+        counts[kind] = counts.get(kind, 0) + 1
+        labels[f"{name}.weight" if name else "weight"] = f"{kind}{counts[kind]}"
+    return labels
+
+
+def _seed_text(groups: list[list[dict]]) -> str:
+    """``"3 seeds"`` when every group has the same number of runs, else ``"2-3 seeds"``."""
+    sizes = sorted({len(g) for g in groups if g}) or [0]
+    n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return f"{n} seed{'' if n == '1' else 's'}"
+
+
+def make_figures(runs: list[dict]) -> dict:
+    """The demo's three figures, ``{"accuracy": fig, "layer_density": fig, "turnover": fig}`` (matplotlib, Agg).
+
+    Every curve is the mean over seeds with a ± 1 std band (the number of seeds is in each title); the turnover
+    plot also draws each seed as a thin line; the density bars are means over seeds (std error bars when the seeds
+    differ; the per-layer counts are deterministic, so they normally do not)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    figures = {}
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    sparsities = sorted({r["sparsity"] for r in runs})
+    groups = {(m, s): [r for r in runs if r["method"] == m and r["sparsity"] == s] for m in METHODS for s in sparsities}
+    groups = {k: g for k, g in groups.items() if g}
+    styles = ["-", "--", ":", "-."]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
-        for sparsity in sorted({r["sparsity"] for r in runs}):
-            rs = [r for r in runs if r["method"] == method and r["sparsity"] == sparsity]
-            if not rs:
-                continue
-            curve = torch.tensor([r["curve"] for r in rs]).mean(0) * 100
-            label = method if method == "dense" else f"{method} s={sparsity}"
-            ax.plot(range(1, len(curve) + 1), curve, label=label)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="MNIST-1D: test accuracy during training")
-    ax.legend(fontsize=8)
+    for (method, sparsity), rs in groups.items():
+        curves = torch.tensor([r["curve"] for r in rs], dtype=torch.float64) * 100
+        mean = curves.mean(0).tolist()  # plain lists: matplotlib and torch tensors warn under NumPy 2
+        std = curves.std(0).tolist() if len(rs) > 1 else [0.0] * len(mean)
+        epochs = list(range(1, len(mean) + 1))
+        label = method if method == "dense" else f"{method} s={sparsity}"
+        style = "-" if method == "dense" else styles[sparsities.index(sparsity) % len(styles)]
+        ax.plot(epochs, mean, style, color=colors[method], label=label)
+        ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=colors[method], alpha=0.2, linewidth=0)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title=f"MNIST-1D test accuracy: mean ± std over {_seed_text(list(groups.values()))}")
+    ax.legend(fontsize=8, title="line: mean, band: ± 1 std", title_fontsize=8)
     ax.grid(alpha=0.3)
-    paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    figures["accuracy"] = fig
 
     fig, ax = plt.subplots(figsize=(7, 4))
     # Every weight of the model, in model order; a layer absent from a run's masks is dense.
-    names = [n for n, p in sm.mnist1d_cnn().named_parameters() if p.dim() > 1]
+    model = sm.mnist1d_cnn()
+    labels = layer_labels(model)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    names = list(labels)
+    sparsity = sparsities[-1]
+    density_groups, spread = [], 0.0
     for offset, method in ((-0.2, "rigl"), (0.2, "rigl-erk")):
-        rs = [r for r in runs if r["method"] == method]
-        if rs:
-            ax.bar([i + offset for i in range(len(names))], [rs[0]["layer_density"].get(n, 1.0) for n in names],
-                   width=0.4, label="uniform (first layer dense)" if method == "rigl" else "ERK")
-    ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set(ylabel="density", title=f"Per-layer density at sparsity {runs[-1]['sparsity']}")
+        rs = groups.get((method, sparsity), [])
+        if not rs:
+            continue
+        density_groups.append(rs)
+        per_layer = torch.tensor([[r["layer_density"].get(n, 1.0) for n in names] for r in rs], dtype=torch.float64)
+        std = per_layer.std(0) if len(rs) > 1 else torch.zeros(len(names))
+        spread = max(spread, float(std.max()))
+        ax.bar([i + offset for i in range(len(names))], per_layer.mean(0).tolist(),
+               yerr=std.tolist() if spread > 1e-9 else None,
+               capsize=3, width=0.4,
+               color=colors[method], label="uniform (first layer dense)" if method == "rigl" else "ERK")
+    ax.set_xticks(range(len(names)), [f"{labels[n]}\n{sizes[n]:,} w" for n in names])
+    ax.set(xlabel="layer (weight count)", ylabel="density (fraction of weights kept)",
+           title=f"RigL per-layer density at sparsity {sparsity} ("
+                 + (f"mean ± std over {_seed_text(density_groups)})" if spread > 1e-9
+                    else f"identical in all {_seed_text(density_groups)})"))
     ax.legend()
-    paths.append(out / "layer_density.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    ax.grid(alpha=0.3, axis="y")
+    figures["layer_density"] = fig
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method in ("set", "rigl", "rigl-erk"):
-        rs = [r for r in runs if r["method"] == method and r["turnover"]]
-        if rs:
-            ax.plot([t for t, _ in rs[0]["turnover"]], [100 * v for _, v in rs[0]["turnover"]], marker=".", label=method)
-    ax.set(xlabel="step", ylabel="new connections (% of active)", title="Mask turnover per topology update")
+    turnover_groups = []
+    for (method, sparsity), rs in groups.items():
+        rs = [r for r in rs if r["turnover"]]
+        if not rs or method not in ("set", "rigl", "rigl-erk"):
+            continue
+        turnover_groups.append(rs)
+        steps = [t for t, _ in rs[0]["turnover"]]
+        values = torch.tensor([[100 * v for _, v in r["turnover"]] for r in rs], dtype=torch.float64)
+        for row in values:
+            ax.plot(steps, row.tolist(), color=colors[method], linewidth=0.7, alpha=0.35)
+        label = method if len(sparsities) == 1 else f"{method} s={sparsity}"
+        ax.plot(steps, values.mean(0).tolist(), marker=".", color=colors[method], label=f"{label} (mean)")
+    ax.set(xlabel="training step", ylabel="new connections (% of active)",
+           title=f"Mask turnover per topology update: {_seed_text(turnover_groups)} (thin: each seed)")
     ax.legend()
     ax.grid(alpha=0.3)
-    paths.append(out / "turnover.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    plt.close("all")
+    figures["turnover"] = fig
+    return figures
+
+
+def plot(runs: list[dict], out: Path) -> list[Path]:
+    """Saves ``make_figures(runs)`` as ``out/{accuracy,layer_density,turnover}.png``."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, fig in make_figures(runs).items():
+        paths.append(out / f"{name}.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
     return paths
 
 

@@ -34,9 +34,28 @@ def test_train_mnist1d_smoke(tmp_path, data_dir):
     pytest.importorskip("mnist1d", reason="mnist1d (examples extra) not installed: main demo not smoke-tested")
     pytest.importorskip("tqdm", reason="tqdm (examples extra) not installed")
     pytest.importorskip("matplotlib", reason="matplotlib (examples extra) not installed")
-    runs = _load("train_mnist1d").main(["--smoke", "--out", str(tmp_path), "--data-dir", str(data_dir)])
+    module = _load("train_mnist1d")
+    runs = module.main(["--smoke", "--out", str(tmp_path), "--data-dir", str(data_dir)])
     assert {r["method"] for r in runs} == {"dense", "static", "set", "rigl", "rigl-erk"}
-    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.md").exists()
+    for name in ("accuracy", "layer_density", "turnover"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert (tmp_path / "results.md").exists()
+    # honest plots: the seed count is in every title, layers have short names and the axes are labelled
+    import matplotlib.pyplot as plt
+
+    figures = module.make_figures(runs + [dict(r, seed=1) for r in runs])  # as if 2 seeds
+    try:
+        for name, fig in figures.items():
+            ax = fig.axes[0]
+            assert "2 seeds" in ax.get_title(), (name, ax.get_title())
+            assert ax.get_xlabel() and ax.get_ylabel(), name
+        assert "std" in figures["accuracy"].axes[0].get_title()
+        ticks = [t.get_text().split("\n")[0] for t in figures["layer_density"].axes[0].get_xticklabels()]
+        assert ticks == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+        n_turnover = sum(1 for r in runs if r["turnover"])  # set, rigl, rigl-erk: one thin line per seed + a mean
+        assert len(figures["turnover"].axes[0].get_lines()) == 3 * n_turnover
+    finally:
+        plt.close("all")
     for r in runs:
         if r["method"] != "dense":
             assert abs(r["density"] - 0.1) < 0.02
