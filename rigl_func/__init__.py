@@ -11,7 +11,7 @@ from __future__ import annotations
 from rigl_func import checkpoint, distributed
 from rigl_func.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from rigl_func.config import RigLConfig
-from rigl_func.criteria import CRITERIA, gradient, magnitude, resolve_criterion
+from rigl_func.criteria import CRITERIA, MissingExtrasError, criterion, gradient, magnitude, resolve_criterion
 from rigl_func.distributions import erdos_renyi, erk, get_distribution, nnz_for, uniform
 from rigl_func.diagnostics import density, itop_rate, summary, turnover, update_ever_active
 from rigl_func.masks import (
@@ -122,4 +122,6 @@ __all__ = [
     "AdamWState",
     "sgd",
     "adamw",
+    "criterion",
+    "MissingExtrasError",
 ]

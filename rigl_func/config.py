@@ -108,6 +108,9 @@ class RigLConfig:
         drop_criterion: name in :data:`rigl_func.criteria.CRITERIA` or a function
             ``(param, grad, mask[, extras]) -> scores``; the lowest-scoring active
             entries are dropped. ``None``: the method's (``"magnitude"``, |w|).
+            Needs a criterion declared with :func:`rigl_func.criterion` are checked
+            here (``"ema"``: ``ema_momentum > 0``) and its aux trees recorded, so that
+            :func:`rigl_func.update_topology` requires them in ``aux`` up front.
         grow_criterion: same form; the highest-scoring inactive entries are grown.
             ``None``: the method's (RigL ``"gradient"``, SET ``"random"``, SNFS ``"ema"``).
         grow_init: value of genuinely new connections: ``"zeros"`` (paper),
@@ -181,7 +184,7 @@ class RigLConfig:
         _LIVE_CONFIGS[id(self)] = self
 
     def _validate(self) -> None:
-        from rigl_func.criteria import resolve_criterion
+        from rigl_func.criteria import BUILTIN_EXTRAS, criterion_needs, resolve_criterion
         from rigl_func.distributions import get_distribution
         from rigl_func.structured import STRUCTURES
 
@@ -243,8 +246,18 @@ class RigLConfig:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got schedule={self.schedule!r}")
         if self.grow_init not in _GROW_INITS:
             raise ValueError(f"grow_init must be one of {_GROW_INITS}, got grow_init={self.grow_init!r}")
-        resolve_criterion(self.drop_criterion, "drop_criterion")
-        resolve_criterion(self.grow_criterion, "grow_criterion")
+        aux_needs = []  # (field, criterion name, aux trees it declared), checked by update_topology
+        for field in ("drop_criterion", "grow_criterion"):
+            fn = resolve_criterion(getattr(self, field), field)
+            needs = criterion_needs(fn)
+            name = getattr(fn, "__name__", repr(fn))
+            if "ema" in needs and self.ema_momentum == 0.0:
+                raise ValueError(f"{field}={name!r} needs extras['ema'], which needs ema_momentum in (0, 1), "
+                                 f"got ema_momentum={self.ema_momentum!r}")
+            trees = tuple(n for n in needs if n not in BUILTIN_EXTRAS)
+            if trees:
+                aux_needs.append((field, name, trees))
+        object.__setattr__(self, "_aux_needs", tuple(aux_needs))  # not a field: eq/hash unchanged
         if self.structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got structure={self.structure!r}")
         for name in ("n_m", "block"):

@@ -25,18 +25,97 @@ Example, a new grow criterion (gradient times optimizer momentum) in three lines
         return (grad * extras["momentum"]).abs()
     config = RigLConfig(t_end=..., grow_criterion=grow_by_momentum)
     params, state = update_topology(params, grads, state, config, aux={"momentum": mom})
+
+The protocol, explicitly. Dispatch: a criterion is called with ``extras`` iff it takes
+it, declared by :func:`criterion` (``fn.rigl_takes_extras``) or, undeclared, read from
+its signature (4 or more positional parameters, or ``*args``). Needs: a criterion
+declares the extras it reads with ``@criterion(needs=(...))`` (``fn.rigl_needs``).
+:class:`rigl_func.RigLConfig` checks them when it is built (``"ema"`` needs
+``ema_momentum > 0``; ``"key"`` and ``"step"`` are always there) and records the other
+names as aux trees, which :func:`rigl_func.update_topology` requires in ``aux`` up
+front (a ``ValueError`` naming the criterion and the missing tree). The built-ins
+declare theirs: ``random`` needs ``"key"``, ``ema`` needs ``"ema"``. An undeclared
+criterion that reads a missing key gets a :class:`MissingExtrasError` (a ``KeyError``)
+listing the available keys and pointing to ``aux=``; one that returns non-floating
+scores gets a ``TypeError`` naming it. Check a criterion before training with
+:func:`rigl_func.testing.check_criterion` (purity, shape, dtype, vmap, compile).
+
+    @criterion(needs=("momentum",))
+    def grow_by_momentum(param, grad, mask, extras):
+        return (grad * extras["momentum"]).abs()
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 from torch import Tensor
 
 from rigl_func.random import uniform
 
-__all__ = ["magnitude", "gradient", "random", "ema", "CRITERIA", "resolve_criterion", "call_criterion"]
+__all__ = ["magnitude", "gradient", "random", "ema", "CRITERIA", "resolve_criterion", "call_criterion",
+           "criterion", "criterion_needs", "takes_extras", "MissingExtrasError", "BUILTIN_EXTRAS"]
+
+#: Extras every update passes (``"ema"`` only when ``ema_momentum > 0``); other names are aux trees.
+BUILTIN_EXTRAS = ("key", "step", "ema")
+
+
+class MissingExtrasError(KeyError):
+    """A criterion read an ``extras`` key the update did not pass (a ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError's str() is the repr of its argument
+        return str(self.args[0]) if self.args else ""
+
+
+def criterion(fn: Optional[Callable] = None, *, needs: Sequence[str] = (), takes_extras: Optional[bool] = None):
+    """Declare what a criterion needs: ``@criterion(needs=("momentum",))``.
+
+    Sets ``fn.rigl_needs`` (tuple of extras keys read) and ``fn.rigl_takes_extras``
+    (whether it is called with the 4th ``extras`` argument) and returns ``fn`` itself.
+    :class:`rigl_func.RigLConfig` checks the needs when built; names other than
+    :data:`BUILTIN_EXTRAS` must then be passed as ``update_topology(..., aux={name: tree})``.
+
+    Args:
+        fn: the criterion (or omit it to use ``criterion(...)`` as a decorator factory).
+        needs: extras keys the criterion reads.
+        takes_extras: call it with ``extras``; default: ``True`` if ``needs`` is
+            non-empty, else read from the signature.
+
+    Raises:
+        ValueError: ``needs`` non-empty with ``takes_extras=False``.
+        TypeError: ``needs`` is not a sequence of str.
+
+    Example:
+        >>> @criterion(needs=("momentum",))
+        ... def grow_by_momentum(param, grad, mask, extras):
+        ...     return extras["momentum"].abs()
+        >>> grow_by_momentum.rigl_needs, grow_by_momentum.rigl_takes_extras
+        (('momentum',), True)
+    """
+    if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
+        raise TypeError(f"needs must be a tuple of str, got needs={needs!r}")
+    needs = tuple(needs)
+    if needs and takes_extras is False:
+        raise ValueError(f"a criterion with needs={needs!r} must take extras, got takes_extras=False")
+
+    def mark(f: Callable) -> Callable:
+        f.rigl_needs = needs
+        f.rigl_takes_extras = bool(needs) or (_signature_takes_extras(f) if takes_extras is None else takes_extras)
+        return f
+
+    return mark if fn is None else mark(fn)
+
+
+def criterion_needs(fn: Callable) -> tuple[str, ...]:
+    """The extras keys ``fn`` declared with :func:`criterion` (``()`` if undeclared)."""
+    return tuple(getattr(fn, "rigl_needs", ()))
+
+
+def takes_extras(fn: Callable) -> bool:
+    """Whether ``fn`` is called with ``extras``: its declaration, else its signature."""
+    declared = getattr(fn, "rigl_takes_extras", None)
+    return _signature_takes_extras(fn) if declared is None else bool(declared)
 
 
 def magnitude(param: Tensor, grad: Tensor, mask: Tensor) -> Tensor:
@@ -61,6 +140,7 @@ def gradient(param: Tensor, grad: Tensor, mask: Tensor) -> Tensor:
     return grad.abs()
 
 
+@criterion(needs=("key",))
 def random(param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
     """Uniform random scores from ``extras["key"]`` (SET's grow criterion).
 
@@ -75,6 +155,7 @@ def random(param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tenso
     return uniform(extras["key"], param.shape, param.device)
 
 
+@criterion(needs=("ema",))
 def ema(param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
     """Magnitude of the exponential moving average of dense gradients (SNFS).
 
@@ -94,7 +175,7 @@ CRITERIA: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _takes_extras(fn: Callable) -> bool:
+def _signature_takes_extras(fn: Callable) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -103,12 +184,34 @@ def _takes_extras(fn: Callable) -> bool:
     return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+_takes_extras = takes_extras  # old private name (rigl_func.testing)
+
+
 def call_criterion(fn: Callable, param: Tensor, grad: Tensor, mask: Tensor, extras: Mapping[str, Tensor]) -> Tensor:
-    """Call a 3- or 4-argument criterion and check it returned a tensor of the right shape."""
-    scores = fn(param, grad, mask, extras) if _takes_extras(fn) else fn(param, grad, mask)
+    """Call a 3- or 4-argument criterion (see :func:`takes_extras`) and check its result.
+
+    Raises:
+        MissingExtrasError: ``fn`` read an extras key that is not there; the message
+            lists the available keys and points to ``update_topology(..., aux=)``.
+        ValueError: the scores are not a tensor of ``param``'s shape.
+        TypeError: the scores are not floating point.
+    """
+    name = getattr(fn, "__name__", repr(fn))
+    try:
+        scores = fn(param, grad, mask, extras) if takes_extras(fn) else fn(param, grad, mask)
+    except KeyError as err:
+        key = err.args[0] if err.args else None
+        if isinstance(err, MissingExtrasError) or not isinstance(key, str) or key in extras:
+            raise
+        raise MissingExtrasError(
+            f"criterion {name!r} read extras[{key!r}], which this update does not pass; available keys: "
+            f"{sorted(extras)}. Pass the tree as update_topology(..., aux={{{key!r}: tree}}) and declare "
+            f"it with @rigl_func.criterion(needs=({key!r},))") from None
     if not isinstance(scores, Tensor) or scores.shape != param.shape:
-        raise ValueError(f"criterion {getattr(fn, '__name__', fn)!r} must return a tensor of shape "
+        raise ValueError(f"criterion {name!r} must return a tensor of shape "
                          f"{tuple(param.shape)}, got {getattr(scores, 'shape', type(scores).__name__)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"criterion {name!r} must return floating-point scores, got dtype {scores.dtype}")
     return scores
 
 

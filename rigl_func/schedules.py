@@ -146,7 +146,21 @@ def _check_step(step: Step) -> None:
         raise TypeError(f"step must be an int or an integer tensor, got step={step!r}")
 
 
-def is_update_step(step: Step, config: RigLConfig):
+def host_readable(*tensors: torch.Tensor, debug: bool = False) -> bool:
+    """Whether reading the values of ``tensors`` on the host is free of cost and safe:
+    plain CPU tensors in eager mode (with ``debug=True``: any device, at the price of a
+    host sync on CUDA). Never under ``torch.compile`` or inside ``torch.func`` transforms."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        if t.device.type == "meta" or (t.device.type != "cpu" and not debug):
+            return False
+    return True
+
+
+def is_update_step(step: Step, config: RigLConfig, *, state=None):
     """Whether a topology update happens at ``step``.
 
     True iff ``config.method != "static"``, ``step > 0``, ``t_start <= step < t_end``
@@ -157,12 +171,19 @@ def is_update_step(step: Step, config: RigLConfig):
     Args:
         step: int or 0-d integer tensor.
         config: supplies ``delta``, ``t_start``, ``t_end``.
+        state: optional :class:`rigl_func.RigLState`. When ``step`` is a Python int
+            (your own counter) and ``state.step`` a CPU tensor (eager, no transform),
+            they must agree: forgetting :func:`rigl_func.accumulate`, or calling it
+            twice, is caught here. Not checked when ``state.step`` is on an
+            accelerator (that would be a host sync), under ``vmap`` or ``torch.compile``.
+            Simplest of all: pass ``state.step`` itself as ``step``.
 
     Returns:
         bool, or 0-d bool tensor if ``step`` is a tensor.
 
     Raises:
         TypeError: ``step`` is a float, a bool or a float/bool tensor.
+        ValueError: ``step`` disagrees with ``state.step`` (see ``state``).
 
     Example:
         >>> from rigl_func import RigLConfig
@@ -171,6 +192,14 @@ def is_update_step(step: Step, config: RigLConfig):
         [100, 200]
     """
     _check_step(step)
+    if state is not None and not isinstance(step, torch.Tensor):
+        counter = state.step
+        if isinstance(counter, torch.Tensor) and counter.dim() == 0 and host_readable(counter):
+            if int(counter) != step:
+                raise ValueError(
+                    f"step={step} disagrees with state.step={int(counter)}: call "
+                    "rigl_func.accumulate(state, grads, config) exactly once per iteration, or pass "
+                    "state.step as the step")
     if config.method == "static":
         return torch.zeros((), dtype=torch.bool, device=step.device) if isinstance(step, torch.Tensor) else False
     on_grid = (step - config.t_start) % config.delta == 0

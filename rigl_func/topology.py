@@ -28,6 +28,7 @@ whole blocks on the block grid); step 4 is shared. :func:`update_layer` dispatch
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Optional, Union
 
@@ -36,10 +37,11 @@ from torch import Tensor
 
 from rigl_func.batched_update import layer_extras, update_layers_batched
 from rigl_func.config import CriterionSpec, RigLConfig, config_by_id
+from rigl_func import criteria as C
 from rigl_func.criteria import call_criterion, resolve_criterion
 from rigl_func.random import fold_in, layer_id, normal
 from rigl_func.masks import target_nnz
-from rigl_func.schedules import drop_fraction, in_accumulation_window
+from rigl_func.schedules import drop_fraction, host_readable, in_accumulation_window, is_update_step
 from rigl_func.selection import _check, _take_top
 from rigl_func.state import RigLState
 from rigl_func.structured import update_mask_block, update_mask_n_m
@@ -213,6 +215,7 @@ def update_topology(
     aux: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
     *,
     engine: str = "auto",
+    debug: bool = False,
 ) -> tuple[dict[str, Tensor], RigLState]:
     """One RigL topology update across all sparse layers, at step ``state.step``.
 
@@ -237,6 +240,19 @@ def update_topology(
             every device but the CPU, where the per-layer loop measured faster on a
             2-core machine; see ``benchmarks/RESULTS.md``). The engines give the same
             result bit for bit; structured configs always run per layer.
+        debug: also run the value checks below on accelerators (each costs a host
+            sync there). By default they run only where they are free: eager, on
+            the CPU, outside ``torch.func`` transforms; never under ``torch.compile``.
+
+    Value checks (see ``debug``), each a ``UserWarning`` shown once per call site:
+    ``state.step == 0`` (:func:`accumulate` was never called: the drop fraction is
+    ``alpha``; a warning, not an error, since hand-built states at step 0 are fine in
+    unit tests); a ``state.step`` off the schedule (``not is_update_step(state.step,
+    config)``: the drop fraction is ``f(state.step)`` all the same); gradients that are zero at every inactive entry
+    but not at every active one (masked gradients: RigL would regrow exactly what it
+    dropped), unless the grow criterion ignores them
+    (``"random"``, ``"ema"``). Always checked, free: every aux tree a criterion
+    declared with :func:`rigl_func.criterion` is in ``aux``.
 
     Returns:
         ``(params, state)``: new params with inactive entries exactly 0, and a state
@@ -251,7 +267,8 @@ def update_topology(
         >>> state = init_state(params, cfg, seed=0)
         >>> params = apply_masks(params, state.masks)
         >>> grads = {"w": torch.ones(8, 8)}
-        >>> state = accumulate(state, grads, cfg)
+        >>> for _ in range(10):  # iterations 1..10; step 10 is an update step
+        ...     state = accumulate(state, grads, cfg)
         >>> params, state = update_topology(params, grads, state, cfg)
         >>> int(state.masks["w"].sum()), int(state.num_updates)
         (32, 1)
@@ -261,7 +278,7 @@ def update_topology(
     if engine == "auto":
         device = next(iter(state.masks.values())).device if state.masks else torch.device("cpu")
         engine = "per_layer" if device.type == "cpu" else "batched"
-    return _update_topology(params, grads, state, config, aux, batched=engine == "batched")
+    return _update_topology(params, grads, state, config, aux, batched=engine == "batched", debug=debug)
 
 
 def update_topology_per_layer(
@@ -279,7 +296,38 @@ def update_topology_per_layer(
     return _update_topology(params, grads, state, config, aux, batched=False)
 
 
-def _update_topology(params, grads, state, config, aux, *, batched: bool):
+def _check_values(state, config, growth, stacklevel: int, debug: bool) -> None:
+    """The value checks of :func:`update_topology` (only where ``host_readable``)."""
+    if host_readable(state.step, debug=debug) and state.step.dim() == 0:
+        step = int(state.step)
+        if step == 0:  # a warning, not an error: hand-built states at step 0 (f = alpha) are legitimate in tests
+            warnings.warn("update_topology at state.step=0: accumulate was never called, so the drop fraction "
+                          "is alpha instead of the schedule's value; call rigl_func.accumulate(state, grads, "
+                          "config) once per iteration", UserWarning, stacklevel=stacklevel)
+        elif not is_update_step(step, config):
+            warnings.warn("update_topology was called at a state.step that is not an update step "
+                          "(is_update_step(state.step, config) is False): the drop fraction is that of "
+                          "state.step; call accumulate once per iteration and update only when "
+                          "is_update_step(state.step, config)", UserWarning, stacklevel=stacklevel)
+    if resolve_criterion(config.grow_criterion, "grow_criterion") in (C.random, C.ema):
+        return
+    tensors = [t for name in state.masks for t in (state.masks[name], growth[name])]
+    if not tensors or not host_readable(*tensors, debug=debug) or any(m.dtype != torch.bool for m in state.masks.values()):
+        return  # bad masks: the update's own checks name them
+    any_inactive = active_nonzero = False
+    for name, mask in state.masks.items():
+        g = growth[name]
+        if bool(g.masked_fill(mask, 0).ne(0).any()):
+            return  # a nonzero gradient at an inactive entry: not masked
+        any_inactive = any_inactive or not bool(mask.all())
+        active_nonzero = active_nonzero or bool(g.masked_fill(~mask, 0).ne(0).any())
+    if any_inactive and active_nonzero:
+        warnings.warn("the gradients passed to update_topology are zero at every inactive entry: they were "
+                      "probably masked; pass the dense gradients (RigL grows where |grad| is largest, so "
+                      "with masked gradients it regrows what it dropped)", UserWarning, stacklevel=stacklevel)
+
+
+def _update_topology(params, grads, state, config, aux, *, batched: bool, debug: bool = False):
     _check_types(state, config)
     _check_tree(params, state.masks, "params")
     accumulating = config.grad_accumulation_n > 1
@@ -292,6 +340,13 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool):
     aux = {} if aux is None else aux
     for tree_name, tree in aux.items():
         _check_tree(tree, state.masks, f"aux[{tree_name!r}]")
+    for field, fn_name, trees in getattr(config, "_aux_needs", ()):
+        missing = [t for t in trees if t not in aux]
+        if missing:
+            raise ValueError(f"{field}={fn_name!r} declares needs={trees!r} but aux has no {missing} tree "
+                             f"(aux has {sorted(aux)}): pass update_topology(..., aux={{{missing[0]!r}: tree}}), "
+                             "a dict[str, Tensor] per sparse layer")
+    _check_values(state, config, growth, 4, debug)
     step_key = fold_in(state.key, state.step)
     new_params = dict(params)
     if batched and config.structure == "unstructured" and names:
