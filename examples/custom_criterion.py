@@ -81,7 +81,7 @@ def main(steps: int = 300, seed: int = 0, models: int = 3, compile_backend: str 
     ps = [rf.apply_masks(p, state.masks) for p in ps]
     gs = [tree_map(lambda v: torch.randn(v.shape, generator=gen), p) for p in ps]
     ms = [{k: torch.randn(state.masks[k].shape, generator=gen) for k in state.masks} for _ in range(models)]
-    ss = [state._replace(key=torch.tensor(i)) for i in range(models)]
+    ss = [state._replace(key=torch.tensor(i), step=torch.tensor(config.delta)) for i in range(models)]  # an update step
     stack = lambda trees: tree_map(lambda *xs: torch.stack(xs), *trees)  # noqa: E731
     batched = vmap(rf.update_topology, in_dims=(0, 0, 0, None, 0))(
         stack(ps), stack(gs), stack(ss), config, {"momentum": stack(ms)})
