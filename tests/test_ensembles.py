@@ -50,3 +50,10 @@ def test_stack_errors_name_the_problem():
         rf.stack_states([one, other])
     with pytest.raises(ValueError, match="needs a batched state"):
         rf.unstack_states(one)
+
+
+def test_ensemble_example_trains_every_seed():
+    from conftest import load_example
+
+    accs = load_example("ensemble").main(seeds=3, steps=60, batch=32)
+    assert len(accs) == 3 and min(accs) > 0.5  # chance is about 0.25
