@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CriterionCheckError", "check_criterion", "masks_with_nnz", "param_trees", "score_tensors"]
+__all__ = ["CriterionCheckError", "check_criterion", "make_scores", "masks_with_nnz", "param_trees", "score_tensors"]
 
 #: Default layer shapes of :func:`check_criterion`: a Linear, a conv and a tiny layer.
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((12, 10), (6, 4, 3, 3), (2, 3))
@@ -101,8 +101,19 @@ def param_trees(shapes: Optional[Sequence[Sequence[int]]] = None, kind: Optional
     return st.tuples(kinds, st.integers(0, 2**30)).map(build)
 
 
-def _scores(shape: tuple, kind: str, seed: int, dtype: torch.dtype) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
+def make_scores(shape: Sequence[int], kind: str, generator: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """One float tensor of ``shape`` drawn from ``generator``: ``"random"`` (normal),
+    ``"ties"`` (values in {-1, -0.5, 0, 0.5, 1} and ``-0.0``: ties everywhere) or
+    ``"nonfinite"`` (normal with 10% NaN, 5% ``+inf``, 5% ``-inf``). The sampler behind
+    :func:`score_tensors`, for tests that draw their own.
+
+    Example:
+        >>> t = make_scores((100,), "nonfinite", torch.Generator().manual_seed(0))
+        >>> bool(t.isnan().any()), bool(t.isinf().any())
+        (True, True)
+    """
+    shape, gen = tuple(shape), generator
     if kind == "ties":
         v = torch.randint(-2, 3, shape, generator=gen).to(torch.float32) * 0.5
         v = torch.where(torch.rand(shape, generator=gen) < 0.2, -0.0, v)
@@ -112,6 +123,10 @@ def _scores(shape: tuple, kind: str, seed: int, dtype: torch.dtype) -> Tensor:
         u = torch.rand(shape, generator=gen)
         v = torch.where(u < 0.1, float("nan"), torch.where(u < 0.15, float("inf"), torch.where(u < 0.2, -float("inf"), v)))
     return v.to(dtype)
+
+
+def _scores(shape: tuple, kind: str, seed: int, dtype: torch.dtype) -> Tensor:
+    return make_scores(shape, kind, torch.Generator().manual_seed(seed), dtype)
 
 
 def _bits(t: Tensor) -> Tensor:

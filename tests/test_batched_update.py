@@ -25,6 +25,7 @@ import rigl_func as rf
 from rigl_func.dispatch import count_ops
 from rigl_func.segment_select import order_keys, repeat_per_segment, segment_top
 from rigl_func.selection import select_top
+from rigl_func.testing import make_scores
 from rigl_func.topology import update_topology_per_layer
 
 from conftest import assert_trees_equal, clone_tree, same_tree, stack_trees
@@ -36,15 +37,7 @@ from conftest import assert_trees_equal, clone_tree, same_tree, stack_trees
 
 
 def _values(gen: torch.Generator, shape, kind: str, dtype) -> torch.Tensor:
-    if kind == "ties":  # few distinct values: ties everywhere, +-0.0 included
-        v = torch.randint(-2, 3, shape, generator=gen).to(torch.float32) * 0.5
-        v = torch.where(torch.rand(shape, generator=gen) < 0.2, -0.0, v)
-    else:
-        v = torch.randn(shape, generator=gen)
-    if kind == "nonfinite":
-        u = torch.rand(shape, generator=gen)
-        v = torch.where(u < 0.1, float("nan"), torch.where(u < 0.15, float("inf"), torch.where(u < 0.2, -float("inf"), v)))
-    return v.to(dtype)
+    return make_scores(shape, kind, gen, dtype)  # random, tie-heavy (+-0.0) or NaN/inf
 
 
 def _momentum_grow(param, grad, mask, extras):
