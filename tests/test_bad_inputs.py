@@ -8,13 +8,13 @@ a live model's weights and gradients, the optimizer's state, the scheduler's
 ``state_dict`` -- is snapshotted byte for byte before the call and compared after it:
 a failed (or successful) call corrupts nothing.
 
-The README's "Bad inputs" table is generated from the same rows::
+The "Bad inputs" table of ``docs/bad_inputs.md`` is generated from the same rows::
 
-    python tests/test_bad_inputs.py > bad_inputs.md
+    python tests/test_bad_inputs.py   # paste between the bad-inputs markers
 
 Rows marked ``pending`` describe the intended behaviour of a check that is not in the
 library yet; they run as strict xfails (they fail loudly once the fix lands, so the
-mark gets removed) and the README says so.
+mark gets removed) and the table says so.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ class Row:
     call receives, snapshotted around it. Exactly one of ``raises`` / ``check``."""
 
     id: str
-    given: str  # README column "input"
-    outcome: str  # README column "what happens"
+    given: str  # docs/bad_inputs.md column "input"
+    outcome: str  # docs/bad_inputs.md column "what happens"
     setup: Callable[[], tuple[Callable[[], Any], dict]]
     raises: Optional[tuple[type, str]] = None  # (exception type, regex naming argument and value)
     check: Optional[Callable[[Any, dict], None]] = None  # check(result, watched)
@@ -660,9 +660,9 @@ def test_table_is_complete():
     assert all(r.given and r.outcome for r in ROWS)
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs
 def readme_table() -> str:
-    """The README's "Bad inputs" table, one line per row of :data:`ROWS`."""
+    """The "Bad inputs" table of ``docs/bad_inputs.md``, one line per row of :data:`ROWS`."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
@@ -676,12 +676,12 @@ def readme_table() -> str:
 
 
 def test_readme_table_is_current():
-    """README.md's "Bad inputs" table is exactly the one generated from ROWS (no rot)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """docs/bad_inputs.md's table is exactly the one generated from ROWS (no rot)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md").read_text()
     start, end = "<!-- bad-inputs:start -->\n", "\n<!-- bad-inputs:end -->"
-    assert start in readme and end in readme, "README.md lost its bad-inputs markers"
-    documented = readme.split(start, 1)[1].split(end, 1)[0]
-    assert documented == readme_table(), "README table is stale: paste `python tests/test_bad_inputs.py`"
+    assert start in doc and end in doc, "docs/bad_inputs.md lost its bad-inputs markers"
+    documented = doc.split(start, 1)[1].split(end, 1)[0]
+    assert documented == readme_table(), "docs/bad_inputs.md table is stale: paste `python tests/test_bad_inputs.py`"
 
 
 if __name__ == "__main__":
