@@ -23,7 +23,7 @@ from rigl_func.masks import (
     validate_masks,
 )
 from rigl_func.flops import forward_flops, relative_flops
-from rigl_func.functional_optim import AdamW, AdamWState, SGD, SGDState, adamw, sgd
+from rigl_func.functional_optim import AdamW, AdamWState, CustomOptimizer, SGD, SGDState, adamw, custom_optimizer, sgd
 from rigl_func.optim import mask_torch_optimizer_state_, reset_optimizer_state, reset_torch_optimizer_state_
 from rigl_func.pruning import (
     PruningConfig,
@@ -48,6 +48,7 @@ from rigl_func.schedules import (
 )
 from rigl_func.selection import drop, grow
 from rigl_func.snip import snip_grads, snip_init, snip_masks, snip_scores
+from rigl_func.sparse_optimizer import RigLOptimizer, RigLOptimizerState, rigl
 from rigl_func.state import RigLState, check_state, init_state, stack_states, unstack_states
 from rigl_func.topology import accumulate, update_layer, update_topology
 
@@ -122,6 +123,11 @@ __all__ = [
     "AdamWState",
     "sgd",
     "adamw",
+    "CustomOptimizer",
+    "custom_optimizer",
+    "RigLOptimizer",
+    "RigLOptimizerState",
+    "rigl",
     "criterion",
     "MissingExtrasError",
 ]

@@ -47,8 +47,16 @@ def _constants(device: torch.device, sizes: tuple, ids: tuple, caps: tuple) -> t
         offsets = [0]
         for s in sizes[:-1]:
             offsets.append(offsets[-1] + s)
-        rows = torch.tensor([list(sizes), offsets, list(ids), list(caps)], dtype=torch.int64, device=device)
-        return (*rows.unbind(0), bin_bases(len(sizes), device))
+        values = [*sizes, *offsets, *ids, *caps]
+        if torch.compiler.is_compiling():
+            # Scalar fills, not torch.tensor(list): a lifted tensor constant inside a
+            # torch.cond branch breaks inductor's codegen in torch 2.13 (the one-call step).
+            rows = torch.zeros(len(values), dtype=torch.int64, device=device)
+            for i, v in enumerate(values):
+                rows[i] = v
+        else:
+            rows = torch.tensor(values, dtype=torch.int64, device=device)
+        return (*rows.view(4, len(sizes)).unbind(0), bin_bases(len(sizes), device))
 
     if torch.compiler.is_compiling():
         return build()

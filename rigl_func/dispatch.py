@@ -46,7 +46,9 @@ class OpCounts(TorchDispatchMode):
         ops: ``Counter`` of op overload packet names (``"add"``, ``"topk"``, ...),
             all ops including views.
         launches: number of ops that launch a kernel (not in :data:`NON_LAUNCHING`).
-        syncs: number of ``aten._local_scalar_dense`` calls (host-device syncs).
+        syncs: number of ``aten._local_scalar_dense`` calls (``.item()``, ``bool(t)``,
+            ``int(t)``) on non-CPU tensors: host-device syncs.
+        host_reads: the same calls on CPU tensors (free: no device to wait for).
         host_to_device: copies from the host to another device: ``aten._to_copy`` /
             ``aten.copy_`` with a CPU source and a non-CPU result, and
             ``torch.tensor`` / ``torch.as_tensor`` / ``torch.asarray`` called with
@@ -59,6 +61,7 @@ class OpCounts(TorchDispatchMode):
         self.ops: Counter = Counter()
         self.launches = 0
         self.syncs = 0
+        self.host_reads = 0
         self.host_to_device = 0
         self.launch_ops: Counter = Counter()
 
@@ -87,7 +90,9 @@ class OpCounts(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
         if name == "_local_scalar_dense":
-            self.syncs += 1
+            on_cpu = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
+            self.host_reads += int(on_cpu)
+            self.syncs += int(not on_cpu)
         if name not in NON_LAUNCHING:
             self.launches += 1
             self.launch_ops[name] += 1

@@ -14,7 +14,8 @@ and zero optimizer state (:func:`rigl_func.reset_optimizer_state` after each upd
   weights to one float rounding (torch applies the bias-corrected step size as a
   Python float read with ``.item()``; here it stays a 0-d tensor). Under
   ``torch.func`` transforms (``vmap``, ``grad``), which have no batching rules for
-  ``_foreach`` ops, the same math runs per tensor.
+  ``_foreach`` ops, and under ``torch.compile`` (inductor fuses), the same math runs
+  per tensor.
 * The step counter is a 0-d int64 tensor and the bias corrections are tensor math:
   no host sync, no recompilation when the step changes under ``torch.compile``.
 
@@ -28,14 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from rigl_func.masks import masked_where
 
-__all__ = ["SGD", "SGDState", "AdamW", "AdamWState", "sgd", "adamw", "mask_grads"]
+__all__ = ["SGD", "SGDState", "AdamW", "AdamWState", "CustomOptimizer", "sgd", "adamw", "custom_optimizer", "mask_grads"]
 
 Params = Mapping[str, Tensor]
 
@@ -59,7 +60,9 @@ class AdamWState(NamedTuple):
 
 def _wrapped(t: Tensor) -> bool:
     # BatchedTensor (vmap) / GradTrackingTensor (torch.func.grad): no _foreach batching rules.
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    # Compiled: per tensor too (inductor fuses the ops; under a compiled vmap the tensors
+    # are batched but cannot be asked).
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _fe(name: str, *args, **kwargs) -> list[Tensor]:
@@ -272,3 +275,57 @@ def adamw(lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: floa
         ['w']
     """
     return AdamW(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class CustomOptimizer:
+    """Any pure optimizer given as two functions, made mask-aware (see
+    :func:`custom_optimizer`)."""
+
+    init_fn: Callable[[Params], Any]
+    step_fn: Callable[[Params, Params, Any], tuple[Params, Any]]
+
+    def __post_init__(self) -> None:
+        for name in ("init_fn", "step_fn"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable, got {name}={getattr(self, name)!r}")
+
+    def init(self, params: Params) -> Any:
+        """``init_fn(params)``."""
+        return self.init_fn(params)
+
+    def step(self, params: Params, grads: Params, state: Any,
+             masks: Optional[Params] = None) -> tuple[dict[str, Tensor], Any]:
+        """``step_fn`` on masked gradients; the new params are masked again (one
+        batched pass each), so inactive weights stay exactly 0 whatever the rule."""
+        new_params, new_state = self.step_fn(params, mask_grads(grads, masks), state)
+        return mask_grads(new_params, masks), new_state
+
+
+def custom_optimizer(init_fn: Callable[[Params], Any],
+                     step_fn: Callable[[Params, Params, Any], tuple[Params, Any]]) -> CustomOptimizer:
+    """Plug any pure optimizer into :func:`rigl_func.rigl`.
+
+    Args:
+        init_fn: ``params -> state``, a pytree whose per-parameter tensors sit in dicts
+            keyed by parameter name (so :func:`rigl_func.reset_optimizer_state` zeroes
+            them at new connections).
+        step_fn: ``(params, grads, state) -> (new_params, new_state)``, pure.
+
+    Returns:
+        A :class:`CustomOptimizer`: ``step(params, grads, state, masks)`` masks the
+        gradients, calls ``step_fn`` and masks the new params.
+
+    Example:
+        >>> def init(params):
+        ...     return {"velocity": {k: torch.zeros_like(v) for k, v in params.items()}}
+        >>> def step(params, grads, state):  # heavy-ball with a sign: a Lion-like toy
+        ...     vel = {k: 0.9 * state["velocity"][k] + grads[k] for k in params}
+        ...     return {k: params[k] - 0.1 * vel[k].sign() for k in params}, {"velocity": vel}
+        >>> opt = custom_optimizer(init, step)
+        >>> p, s = opt.step({"w": torch.ones(2)}, {"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}),
+        ...                 {"w": torch.tensor([True, False])})
+        >>> p["w"].tolist()
+        [0.8999999761581421, 0.0]
+    """
+    return CustomOptimizer(init_fn=init_fn, step_fn=step_fn)

@@ -8,7 +8,7 @@ it with ``state._replace(...)``; every function here returns a new state.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -208,9 +208,10 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
                                  f"params[{name!r}] has {tuple(params[name].shape)}/{params[name].dtype}")
 
 
-def stack_states(states: list[RigLState]) -> RigLState:
+def stack_states(states: list[Any]) -> Any:
     """Stack K states leaf by leaf into one batched state (``[K, ...]`` tensors) for a
-    ``torch.func.vmap`` over K models (an ensemble of seeds). Pure.
+    ``torch.func.vmap`` over K models (an ensemble of seeds). Any pytree of tensors
+    works: :class:`RigLState`, :class:`rigl_func.RigLOptimizerState`, params dicts. Pure.
 
     Raises:
         ValueError: an empty list, or states of different layers or fields.
@@ -235,9 +236,14 @@ def stack_states(states: list[RigLState]) -> RigLState:
     return tree_unflatten([torch.stack(leaves) for leaves in zip(*(f[0] for f in flat))], spec)
 
 
-def unstack_states(state: RigLState) -> list[RigLState]:
+def unstack_states(state: Any) -> list[Any]:
     """The K states of a batched state (:func:`stack_states`, or a ``vmap`` output).
-    Pure (the states are views of the batched tensors).
+    Works on any pytree of ``[K, ...]`` tensors (a :class:`RigLState`, a
+    :class:`rigl_func.RigLOptimizerState`, a params dict). Pure (the states are views
+    of the batched tensors).
+
+    Raises:
+        ValueError: a leaf without the common leading ``K`` dimension.
 
     Example:
         >>> from rigl_func import RigLConfig
@@ -249,8 +255,10 @@ def unstack_states(state: RigLState) -> list[RigLState]:
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     leaves, spec = tree_flatten(state)
-    if state.step.dim() != 1 or any(leaf.dim() == 0 or leaf.shape[0] != state.step.shape[0] for leaf in leaves):
-        raise ValueError("unstack_states needs a batched state (every leaf with the same leading K dimension, "
-                         f"state.step of shape [K]), got state.step of shape {tuple(state.step.shape)}")
-    k = state.step.shape[0]
+    sizes = {tuple(leaf.shape[:1]) for leaf in leaves if isinstance(leaf, Tensor)}
+    if len(sizes) != 1 or () in sizes or any(not isinstance(leaf, Tensor) for leaf in leaves):
+        shapes = sorted({tuple(leaf.shape) for leaf in leaves if isinstance(leaf, Tensor)})[:4]
+        raise ValueError("unstack_states needs a batched state (every leaf a tensor with the same leading K "
+                         f"dimension), got leaves of shapes {shapes}")
+    k = sizes.pop()[0]
     return [tree_unflatten([leaf[i] for leaf in leaves], spec) for i in range(k)]
