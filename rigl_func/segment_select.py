@@ -47,10 +47,9 @@ EXCLUDED_BUCKETS = 64
 
 
 def is_batched(values: Tensor) -> bool:
-    """Whether ``values`` is a ``torch.func.vmap`` batched tensor (False if undetectable
-    or while ``torch.compile`` traces: dynamo would graph-break on the check)."""
-    if torch.compiler.is_compiling():
-        return False
+    """Whether ``values`` is a ``torch.func.vmap`` batched tensor (False if undetectable).
+    Dynamo traces the check (an in-graph function of its trace rules), so a compiled
+    ``vmap`` takes the batched paths too."""
     check = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
     return bool(check(values)) if check is not None else False
 
@@ -60,14 +59,17 @@ def _ordered_bits_without_view(values: Tensor) -> Tensor:
 
     Bit-identical to the view formulation for every non-NaN float32 (NaN is
     overwritten by the callers); ``-0.0`` must already be ``+0.0``. Only ops with vmap
-    batching rules (``torch.frexp`` et al.): ``Tensor.view(dtype)`` has none in some
+    batching rules (``log2``, ``exp2``, ``where``): ``Tensor.view(dtype)`` has none in some
     torch releases (torch 2.11).
     """
     a = values.abs().to(torch.float64)  # exact
-    mant, exp = torch.frexp(a)  # a = mant * 2**exp, mant in [0.5, 1) (0 for a == 0)
-    exp = exp.to(torch.float64)
-    # normal (a >= 2**-126): biased exponent exp + 126, fraction mant * 2**24 - 2**23
-    normal = (exp + 125.0) * 2.0**23 + mant * 2.0**24
+    # Exponent e = floor(log2(a)), corrected by one where log2 rounded (float64 ops only:
+    # torch.frexp's int32 exponent does not compile in inductor's vectorized CPU code).
+    safe = torch.where((a > 0) & ~torch.isinf(a), a, 1.0)
+    e = torch.floor(torch.log2(safe))
+    e = e - (torch.exp2(e) > safe).to(torch.float64) + (torch.exp2(e + 1.0) <= safe).to(torch.float64)
+    # normal (a >= 2**-126): biased exponent e + 127, fraction (a / 2**e - 1) * 2**23 (exact)
+    normal = (e + 127.0) * 2.0**23 + (safe / torch.exp2(e) - 1.0) * 2.0**23
     subnormal = a * 2.0**149  # biased exponent 0, fraction a / 2**-149 (exact)
     magnitude = torch.where(a >= 2.0**-126, normal, subnormal)
     magnitude = torch.where(torch.isinf(a), float(0x7F800000), magnitude).to(torch.int64)
