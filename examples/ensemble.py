@@ -1,10 +1,10 @@
-"""K seeds of a sparse MLP trained in one ``vmap``-ed step, reported as mean ± std.
+"""K seeds of a sparse MLP trained in one call per step, reported as mean ± std.
 
-Each model has its own initial weights, random mask (``init_state(..., seed=k)``),
-data order and optimizer state; ``rigl_func.stack_states`` stacks the K RigL states
-and one ``torch.func.vmap`` runs the gradient, ``accumulate``, the topology update, the
-optimizer-state reset and the masked SGD step of all K models at once. A few seconds
-on a laptop CPU:
+Each model has its own initial weights, random mask (``tx.init(model, seed=k)``), data
+order and optimizer state; ``rigl_func.stack_states`` stacks the K params and states, and
+``tx.step_ensemble`` runs ``accumulate``, the topology update, the optimizer-state reset and
+the masked SGD step of all K models at once (``torch.func.vmap`` inside, the branch
+taken once for all K). A few seconds on a laptop CPU:
 
     python examples/ensemble.py --seeds 4 --steps 300
 """
@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import torch
-from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.func import functional_call, grad, vmap
 
 import rigl_func as rf
 
@@ -29,42 +29,27 @@ def main(seeds: int = 4, steps: int = 300, batch: int = 64) -> list[float]:
     x = torch.randn(2048, 32)
     y = (x[:, :4] * 3 + 0.2 * torch.randn(2048, 4)).argmax(1)  # learnable synthetic labels
     config = rf.RigLConfig(sparsity=0.9, distribution="erk", delta=25, t_end=int(0.75 * steps))
-    opt = rf.sgd(0.05, momentum=0.9)
+    tx = rf.rigl(config, rf.sgd(0.05, momentum=0.9))
 
-    models = []
+    inits = []
     for k in range(seeds):
         torch.manual_seed(k)
-        models.append(_net())
-    params, _ = stack_module_state(models)
-    params = {n: p.detach() for n, p in params.items()}
-    state = rf.stack_states([rf.init_state(models[0], config, seed=k) for k in range(seeds)])
-    params = vmap(rf.apply_masks)(params, state.masks)
-    opt_state = vmap(opt.init)(params)
+        inits.append(tx.init(_net(), seed=k))  # own initial weights and random mask per model
+    params = rf.stack_states([p for p, _ in inits])
+    state = rf.stack_states([s for _, s in inits])
     base = _net().to("meta")
 
     def loss_fn(p, xb, yb):
         return torch.nn.functional.cross_entropy(functional_call(base, p, (xb,)), yb)
 
-    def one_step(p, s, o, xb, yb, update: bool):
-        g = grad(loss_fn)(p, xb, yb)
-        s = rf.accumulate(s, g, config)
-        if update:  # the same step for every model: a Python branch outside the trace
-            old = s.masks
-            p, s = rf.update_topology(p, g, s, config)
-            return p, s, o._replace(momentum=rf.reset_optimizer_state(o.momentum, old, s.masks))
-        p, o = opt.step(p, g, o, s.masks)
-        return p, s, o
-
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
         idx = torch.randint(0, x.shape[0], (seeds, batch), generator=gen)  # own data order per model
-        update = rf.is_update_step(step + 1, config)
-        params, state, opt_state = vmap(lambda p, s, o, xb, yb: one_step(p, s, o, xb, yb, update))(
-            params, state, opt_state, x[idx], y[idx])
+        params, state = tx.step_ensemble(params, vmap(grad(loss_fn))(params, x[idx], y[idx]), state)
 
     logits = vmap(lambda p: functional_call(base, p, (x,)))(params)
     accs = [(logits[k].argmax(1) == y).float().mean().item() for k in range(seeds)]
-    print(f"{seeds} seeds, {int(state.num_updates[0])} topology updates each: train accuracy "
+    print(f"{seeds} seeds, {int(state.rigl.num_updates[0])} topology updates each: train accuracy "
           f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs) if seeds > 1 else 0.0:.3f} (mean ± std)")
     return accs
 

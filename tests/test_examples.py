@@ -13,8 +13,27 @@ from _timeouts import timeout_s
 
 def test_functional_step_learns():
     # 4 classes: chance is 0.25; the sparse MLP must beat it clearly in 150 steps.
-    acc = _load("functional_step").main(steps=150, seed=0)
+    example = _load("functional_step")
+    acc = example.main(steps=150, seed=0)
     assert acc > 0.6
+    # the spelled-out iteration (the primitives) is tx.step, bit for bit
+    assert example.main(steps=150, seed=0, use_spelled_out=True) == acc
+
+
+def test_functional_step_spelled_out_equals_tx_step_bitwise():
+    import torch
+    import rigl_func as rf
+    example = _load("functional_step")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    tx = rf.rigl(rf.RigLConfig(sparsity=0.8, delta=2, t_end=9, method="set"), rf.sgd(0.1, momentum=0.9))
+    a = b = tx.init(net, seed=3)
+    for i in range(10):
+        g = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in a[0].items()}
+        a, b = tx.step(*a[:1], g, a[1]), example.spelled_out(tx, *b[:1], g, b[1])
+        for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
+            assert torch.equal(x, y), i
+    assert int(a[1].rigl.num_updates) == 4
 
 
 def test_rigl_torch_style_script_runs():
