@@ -363,3 +363,25 @@ def test_count_ops_separates_device_syncs_from_host_reads():
         torch.ones(()).item()
         bool(torch.ones((), dtype=torch.bool))
     assert (ops.syncs, ops.host_reads) == (0, 2)
+
+
+def test_compiled_vmap_of_step_runs_both_branches_and_stays_exact():
+    """A compiled ``vmap(tx.step)`` cannot branch once (batched predicate): each model
+    selects its branch's outputs; masks equal the eager vmap's."""
+    tx = rf.rigl(rf.RigLConfig(method="set", **CFG), rf.sgd(0.05, momentum=0.9))
+    model, _, params, state = _stacked(tx, 2)
+    loss = _loss(model)
+
+    def iteration(params, state, x, y):
+        return vmap(lambda p, s, xb, yb: tx.step(p, grad(loss)(p, xb, yb), s))(params, state, x, y)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(iteration, fullgraph=True)
+    eager = comp = (params, state)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(4):
+            x, y = _ensemble_data(i, 2)
+            eager = iteration(*eager, x, y)
+            comp = compiled(*comp, x, y)
+            assert _equal_trees(eager[1].rigl.masks, comp[1].rigl.masks), i
+    assert comp[1].rigl.num_updates.tolist() == [1, 1] and comp[1].opt.count.tolist() == [3, 3]
