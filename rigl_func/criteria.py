@@ -50,6 +50,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import Tensor
 
 from rigl_func.random import uniform
@@ -193,10 +194,16 @@ def call_criterion(fn: Callable, param: Tensor, grad: Tensor, mask: Tensor, extr
     Raises:
         MissingExtrasError: ``fn`` read an extras key that is not there; the message
             lists the available keys and points to ``update_topology(..., aux=)``.
-        ValueError: the scores are not a tensor of ``param``'s shape.
+        ValueError: the scores are not a tensor of ``param``'s shape, or ``fn``
+            modified one of its inputs in place (seen through version counters,
+            eager only).
         TypeError: the scores are not floating point.
     """
     name = getattr(fn, "__name__", repr(fn))
+    watched = {"param": param, "grad": grad, "mask": mask,
+               **{f"extras[{k!r}]": v for k, v in extras.items() if isinstance(v, Tensor)}}
+    # Version counters: free host ints (eager; a compiled or vmapped call cannot be watched).
+    versions = None if torch.compiler.is_compiling() else {k: t._version for k, t in watched.items()}
     try:
         scores = fn(param, grad, mask, extras) if takes_extras(fn) else fn(param, grad, mask)
     except KeyError as err:
@@ -207,6 +214,12 @@ def call_criterion(fn: Callable, param: Tensor, grad: Tensor, mask: Tensor, extr
             f"criterion {name!r} read extras[{key!r}], which this update does not pass; available keys: "
             f"{sorted(extras)}. Pass the tree as update_topology(..., aux={{{key!r}: tree}}) and declare "
             f"it with @rigl_func.criterion(needs=({key!r},))") from None
+    if versions is not None:
+        changed = [k for k, t in watched.items() if t._version != versions[k]]
+        if changed:
+            raise ValueError(f"criterion {name!r} modified {', '.join(changed)} in place (e.g. grad.abs_()): the "
+                             "caller's tensors changed; a criterion must be pure, use out-of-place ops "
+                             "(grad.abs())")
     if not isinstance(scores, Tensor) or scores.shape != param.shape:
         raise ValueError(f"criterion {name!r} must return a tensor of shape "
                          f"{tuple(param.shape)}, got {getattr(scores, 'shape', type(scores).__name__)}")

@@ -94,6 +94,25 @@ def test_wrong_shape_raises_value_error_naming_the_criterion(engine):
         rf.update_topology(params, grads, state, config, engine=engine)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_in_place_criterion_raises_naming_the_input(engine):
+    """``g.abs_()`` inside a criterion silently rewrote the caller's gradients."""
+    def grow_in_place(param, grad, mask):
+        return grad.abs_()
+
+    params, grads, state, config = _setup(grow_criterion=grow_in_place)
+    with pytest.raises(ValueError, match=r"criterion 'grow_in_place' modified grad in place \(e.g. grad.abs_\(\)\)"):
+        rf.update_topology(params, grads, state, config, engine=engine)
+
+    def drop_touches_extras(param, grad, mask, extras):
+        extras["step"].add_(1)
+        return param.abs()
+
+    params, grads, state, config = _setup(drop_criterion=drop_touches_extras)
+    with pytest.raises(ValueError, match=r"modified extras\['step'\] in place"):
+        rf.update_topology(params, grads, state, config, engine=engine)
+
+
 # ----------------------------------------------------------------- item 2 (c) / item 4: the protocol
 def test_dispatch_is_declared_or_read_from_the_signature():
     def three(param, grad, mask):
