@@ -30,9 +30,11 @@ then taken once for all K.
 (:class:`rigl_func.SGD`, :class:`rigl_func.AdamW`, or
 :func:`rigl_func.custom_optimizer` around two plain functions). Its state must be a
 pytree whose per-parameter tensors sit in dicts keyed by parameter name (as
-``torch.func`` trees are), so the reset finds them; per-parameter dict fields of a
-NamedTuple state (``momentum``, ``exp_avg``, ...) also reach custom criteria as ``aux``
-trees (:func:`rigl_func.criterion`).
+``torch.func`` trees are), so the reset finds them. The optimizer's moments are not
+passed to criteria on their own: they are masked (zero at every inactive entry), so a
+growth criterion reading them would regrow what it dropped; pass what a criterion needs
+as ``aux`` (e.g. a momentum of the *dense* gradients), or use ``state.rigl.ema``
+(``RigLConfig(ema_momentum=...)``).
 """
 
 from __future__ import annotations
@@ -132,19 +134,6 @@ def _check_optimizer(optimizer: Any) -> None:
                             f"(rigl_func.sgd, rigl_func.adamw, rigl_func.custom_optimizer), got optimizer={optimizer!r}")
 
 
-def _optimizer_aux(opt_state: Any, masks: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Per-parameter dict fields of a NamedTuple optimizer state (``momentum``,
-    ``exp_avg``, ...) that cover every sparse layer: aux trees for custom criteria."""
-    if not (isinstance(opt_state, tuple) and hasattr(opt_state, "_fields")):
-        return {}
-    aux = {}
-    for field in opt_state._fields:
-        value = getattr(opt_state, field)
-        if isinstance(value, Mapping) and masks and all(k in value for k in masks):
-            aux[field] = {k: value[k] for k in masks}
-    return aux
-
-
 @dataclass(frozen=True)
 class RigLOptimizer:
     """RigL and a pure optimizer as one ``init`` / ``step`` pair (see the module doc).
@@ -222,8 +211,9 @@ class RigLOptimizer:
                 same keys. Do not mask them: the optimizer step masks them, and RigL
                 grows where the dense gradient is large.
             state: from :meth:`init` or the previous step.
-            aux: extra named trees for custom criteria (merged over the optimizer
-                state's per-parameter fields, see the module doc).
+            aux: named trees for custom criteria (``update_topology``'s ``aux``),
+                e.g. ``{"momentum": m}``. Under ``torch.compile`` they must not be
+                tensors of ``state`` itself (``torch.cond`` rejects repeated operands).
 
         Returns:
             ``(params, state)``, new. Pure: inputs are not modified. Returned tensors
@@ -329,7 +319,6 @@ class RigLOptimizer:
         optimizer-state reset (``update``) or the optimizer step on masked gradients."""
         rigl_state = accumulate(state.rigl, grads, self.config)
         if update:
-            aux = {**_optimizer_aux(state.opt, rigl_state.masks), **aux}
             new_params, new_rigl = update_topology(params, grads, rigl_state, self.config, aux,
                                                    engine=self.engine, debug=self.debug)
             new_opt = reset_optimizer_state(state.opt, rigl_state.masks, new_rigl.masks)

@@ -298,16 +298,26 @@ def test_custom_optimizer_plugs_in_and_keeps_zeros():
         rf.custom_optimizer(None, step)
 
 
-def test_optimizer_state_reaches_criteria_as_aux():
+def test_aux_reaches_criteria_and_a_missing_tree_is_named():
     @rf.criterion(needs=("momentum",))
     def momentum_grow(param, grad, mask, extras):
         return extras["momentum"].abs() + grad.abs()
 
     config = rf.RigLConfig(grow_criterion=momentum_grow, **CFG)
-    params, state = _run(rf.rigl(config, rf.sgd(0.05, momentum=0.9)), _net(), 4)
+    tx = rf.rigl(config, rf.sgd(0.05, momentum=0.9))
+    model = _net()
+    loss = _loss(model)
+    params, state = tx.init(model, seed=0)
+    momentum = {k: torch.zeros_like(params[k]) for k in state.rigl.masks}
+    for i in range(4):  # a momentum of the dense gradients, kept by the loop (SNFS)
+        x, y = _data(i)
+        g = grad(loss)(params, x, y)
+        momentum = {k: 0.9 * momentum[k] + g[k] for k in momentum}
+        params, state = tx.step(params, g, state, aux={"momentum": momentum})
     assert int(state.rigl.num_updates) == 1
-    with pytest.raises(ValueError, match="momentum"):  # no momentum buffers: named, with the aux hint
-        _run(rf.rigl(config, rf.sgd(0.05)), _net(), 4)
+    # not silently taken from the optimizer's (masked) momentum: a named error
+    with pytest.raises(ValueError, match="momentum"):
+        _run(tx, model, 4)
 
 
 def test_masked_gradients_reaching_an_update_warn():
