@@ -709,7 +709,38 @@ class _Functional(_Dense):
             torch._foreach_add_([p.detach() for p in self.params], self.momentum, alpha=-LR)
 
 
-VARIANTS = {"dense": _Dense, "rigl_func shell": _Shell, "functional": _Functional, "rigl-torch": _RiglTorch}
+class _OneCall(_Functional):
+    """The functional iteration as one call (issue 13): ``tx = rigl_func.rigl(cfg, sgd)``,
+    ``params, state = tx.step(params, grads, state)`` (a CPU step counter decides the
+    branch: no sync)."""
+
+    def __init__(self, model, batch, amp) -> None:
+        super().__init__(model, batch, amp)
+        if self.sgd is None or not hasattr(rigl_func, "rigl"):
+            raise RuntimeError("this checkout has no rigl_func.rigl (issue 13)")
+        self.tx = rigl_func.rigl(self.cfg, self.sgd)
+        fmt = {n: p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for n, p in zip(self.names, self.params)}
+        params, self.tstate = self.tx.init({n: p.detach() for n, p in zip(self.names, self.params)}, seed=0)
+        self.params = [(params[n].contiguous(memory_format=torch.channels_last) if fmt[n] else params[n])
+                       .requires_grad_(True) for n in self.names]
+
+    def step(self, t: int) -> None:
+        rigl = self.tstate.rigl._replace(step=torch.full_like(self.tstate.rigl.step, t - 1))
+        self.tstate = self.tstate._replace(rigl=rigl, count=torch.tensor(t - 1))
+        tree = dict(zip(self.names, self.params))
+        with self._autocast():
+            loss = F.cross_entropy(functional_call(self.model, (tree, self.buffers), (self.x,)), self.y)
+        grads = dict(zip(self.names, torch.autograd.grad(loss, self.params)))
+        if self.tx.is_update_step(self.tstate):
+            raise RuntimeError("the training-step stage times non-update steps only")
+        with torch.no_grad():
+            new, self.tstate = self.tx.step({n: p.detach() for n, p in tree.items()}, grads, self.tstate)
+        self.params = [new[n].requires_grad_(True) for n in self.names]
+
+
+VARIANTS = {"dense": _Dense, "rigl_func shell": _Shell, "functional": _Functional, "one call (tx.step)": _OneCall,
+            "rigl-torch": _RiglTorch}
 
 
 def _training_models(ctx: Ctx) -> list[dict[str, Any]]:
@@ -788,7 +819,8 @@ def _training_md(ctx: Ctx, header, rows) -> list[str]:
         "`functional_call` + `autograd.grad`, `accumulate`, then "
         + ("`rigl_func.functional_optim.sgd(lr, momentum=0.9).step(params, grads, state, masks)`"
            if _functional_sgd() is not None else "masked grads and foreach momentum SGD (this checkout has no "
-           "`rigl_func.functional_optim`)") + "); rigl-torch 0.5.2. "
+           "`rigl_func.functional_optim`)") + "); one call (the same as `tx.step(params, grads, state)` of "
+        "`tx = rigl_func.rigl(cfg, sgd(...))`); rigl-torch 0.5.2. "
         f"Device {ctx.device}; median (min–max) of interleaved steps after {ctx.warmup + 1} warm-up; "
         "`vs dense`: median over dense's median, minus 1.",
         "",

@@ -13,6 +13,8 @@ dense; Linear layers sparse), ``delta=100``:
   ``rigl_func.accumulate``, ``update_topology`` + ``reset_optimizer_state`` on update
   steps, else ``rigl_func.functional_optim.sgd``'s masked step (the gradients of all
   sparse layers masked in one batched pass, then ``torch._foreach_*`` over all params).
+* **one call (tx.step)**: the functional iteration as ``tx = rigl_func.rigl(cfg, sgd(...))``,
+  ``params, state = tx.step(params, grads, state)`` (issue 13).
 * **rigl-torch**: like the shell with rigl-torch 0.5.2's ``RigLScheduler``.
 
 A *plain* step is iteration 50 of the 100-step window, an *update* step is iteration
@@ -139,6 +141,26 @@ class _Functional:
         self.params = {n: p.requires_grad_(True) for n, p in new.items()}
 
 
+class _OneCall(_Functional):
+    """The same iteration as one call: ``tx = rigl_func.rigl(cfg, sgd(...))``;
+    ``params, state = tx.step(params, grads, state)``."""
+
+    def __init__(self, model: nn.Module, batch) -> None:
+        super().__init__(model, batch)
+        self.tx = rigl_func.rigl(self.cfg, self.opt)
+        params, self.tstate = self.tx.init({n: p.detach() for n, p in model.named_parameters()}, seed=0)
+        self.params = {n: p.requires_grad_(True) for n, p in params.items()}
+
+    def step(self, t: int) -> None:
+        rigl = self.tstate.rigl._replace(step=torch.full_like(self.tstate.rigl.step, t - 1))
+        self.tstate = self.tstate._replace(rigl=rigl, count=torch.tensor(t - 1))
+        loss = F.cross_entropy(functional_call(self.model, (self.params, self.buffers), (self.x,)), self.y)
+        grads = dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()))))
+        with torch.no_grad():
+            new, self.tstate = self.tx.step({n: p.detach() for n, p in self.params.items()}, grads, self.tstate)
+        self.params = {n: p.requires_grad_(True) for n, p in new.items()}
+
+
 def _first_layer(model: nn.Module) -> str:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -147,7 +169,8 @@ def _first_layer(model: nn.Module) -> str:
 
 
 VARIANTS: dict[str, Callable[..., Any]] = {
-    "dense": _Variant, "rigl_func shell": _Shell, "functional": _Functional, "rigl-torch": _RiglTorch,
+    "dense": _Variant, "rigl_func shell": _Shell, "functional": _Functional, "one call (tx.step)": _OneCall,
+    "rigl-torch": _RiglTorch,
 }
 
 
