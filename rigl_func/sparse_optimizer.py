@@ -227,9 +227,11 @@ class RigLOptimizer:
         """
         self._check_state(state, batched=False)
         operands = (dict(params), dict(grads), state, self._aux(aux))
-        pred = is_update_step(state.count + 1, self.config)  # shape=(), bool, CPU
         if not torch.compiler.is_compiling():
-            return self._step_given(*operands, update=_host_bool(pred))
+            if _is_wrapped(state.count):  # vmap(tx.step): the K counters must agree
+                return self._step_given(*operands, update=_host_bool(is_update_step(state.count + 1, self.config)))
+            return self._step_given(*operands, update=bool(is_update_step(int(state.count) + 1, self.config)))
+        pred = is_update_step(state.count + 1, self.config)  # shape=(), bool, CPU
         if torch._C._functorch.is_batchedtensor(pred):
             # A compiled vmap(tx.step): torch.cond cannot branch on a batched predicate
             # (its vmap rule selects a single output), so both branches run and each
@@ -309,8 +311,9 @@ class RigLOptimizer:
                 "a 0-d int64 CPU tensor (from tx.init)"
             raise ValueError(f"state.count must be {want}, got state.count={count!r}")
         step = state.rigl.step
-        if not torch.compiler.is_compiling() and not _is_wrapped(count) and not _is_wrapped(step) \
-                and step.device.type == "cpu" and step.shape == count.shape and not torch.equal(step, count):
+        if torch.compiler.is_compiling() or _is_wrapped(count) or _is_wrapped(step) or step.device.type != "cpu":
+            return
+        if (int(step) != int(count)) if dims == 0 else (step.shape != count.shape or not torch.equal(step, count)):
             raise ValueError(f"state.rigl.step={step.tolist()} disagrees with state.count={count.tolist()}: "
                              "tx.step calls rigl_func.accumulate itself; do not call it on tx's state")
 
@@ -324,7 +327,11 @@ class RigLOptimizer:
             new_opt = reset_optimizer_state(state.opt, rigl_state.masks, new_rigl.masks)
         else:
             new_params, new_opt = self.optimizer.step(params, grads, state.opt, rigl_state.masks)
-            if pytree.tree_structure(new_opt) != pytree.tree_structure(state.opt):
+            # The full structure check costs a flatten per step: traced once when compiled
+            # (where torch.cond needs it), eager only with debug=True.
+            full = torch.compiler.is_compiling() or self.debug
+            if type(new_opt) is not type(state.opt) or \
+                    (full and pytree.tree_structure(new_opt) != pytree.tree_structure(state.opt)):
                 raise TypeError("optimizer.step must return a state with the structure of the one it got "
                                 f"(got {pytree.tree_structure(new_opt)} for {pytree.tree_structure(state.opt)})")
             new_rigl = rigl_state

@@ -611,7 +611,41 @@ SCHEDULER_ROWS = [
 
 _AFTER = {"sched-ctor-other-model": lambda watched: _no_hooks_left(watched["wide"])}
 
-ROWS = CONFIG_ROWS + DOC_ROWS + ERROR_ROWS + SCHEDULER_ROWS
+def _one_call(make):
+    """Row setup from ``make(tx, params, grads, state) -> call`` for ``rigl_func.rigl``."""
+    def setup():
+        w = world()
+        tx = rf.rigl(w.config, rf.sgd(0.1, momentum=0.9))
+        params, state = tx.init(w.params, masks=w.state.masks)
+        return make(tx, params, w.grads, state), {"params": params, "grads": w.grads, "state": state}
+    return setup
+
+
+ONE_CALL_ROWS = [
+    Row("rigl-torch-optimizer", "`rigl(config, torch.optim.SGD(...))` (a stateful torch optimizer)",
+        "`TypeError`: `optimizer must have init(params) and step(params, grads, state, masks) methods ...`",
+        _fn(lambda w: ((lambda: rf.rigl(w.config, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))),
+                       {})),
+        raises=(TypeError, r"optimizer must have init\(params\) and step")),
+    Row("tx-step-rigl-state", "`tx.step(params, grads, state.rigl)` (the inner `RigLState`)",
+        "`TypeError`: `state must be a RigLOptimizerState (from tx.init), got state=RigLState`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s.rigl)),
+        raises=(TypeError, r"state must be a RigLOptimizerState \(from tx.init\), got state=RigLState")),
+    Row("tx-step-count-on-device", "`state.count` moved off the CPU or to another dtype (`state.count.float()`)",
+        "`ValueError`: `state.count must be a 0-d int64 CPU tensor (from tx.init), got state.count=tensor(0.)`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s._replace(count=s.count.float()))),
+        raises=(ValueError, r"state.count must be a 0-d int64 CPU tensor \(from tx.init\), got state.count=tensor\(0.\)")),
+    Row("tx-step-double-accumulate", "`rf.accumulate` called on `tx`'s state (two step counters drift apart)",
+        "`ValueError`: `state.rigl.step=1 disagrees with state.count=0: tx.step calls rigl_func.accumulate itself ...`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s._replace(rigl=rf.accumulate(s.rigl, g, tx.config)))),
+        raises=(ValueError, r"state.rigl.step=1 disagrees with state.count=0")),
+    Row("tx-step-grads-missing-key", "`tx.step` with `grads` missing a parameter",
+        "`ValueError`: `grads must have the keys of params, got ['a', 'b'] and ['a', 'b', 'bias']`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, {k: g[k] for k in ("a", "b")}, s)),
+        raises=(ValueError, r"grads must have the keys of params, got \['a', 'b'\] and \['a', 'b', 'bias'\]")),
+]
+
+ROWS = CONFIG_ROWS + DOC_ROWS + ERROR_ROWS + ONE_CALL_ROWS + SCHEDULER_ROWS
 
 
 def _params():

@@ -354,8 +354,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(TypeError, match="aux must be a dict"):
         tx.step(params, grads, state, aux=[1])
     bad = rf.custom_optimizer(lambda p: {"a": {}}, lambda p, g, s: (p, {"b": {}}))
-    with pytest.raises(TypeError, match="structure"):
-        rf.rigl(config, bad).step(params, grads, rf.rigl(config, bad).init(_net(), seed=0)[1])
+    with pytest.raises(TypeError, match="structure"):  # checked with debug=True (and at compile time)
+        rf.rigl(config, bad, debug=True).step(params, grads, rf.rigl(config, bad).init(_net(), seed=0)[1])
+    worse = rf.custom_optimizer(lambda p: {"a": {}}, lambda p, g, s: (p, [s]))
+    with pytest.raises(TypeError, match="structure"):  # another type: always
+        rf.rigl(config, worse).step(params, grads, rf.rigl(config, worse).init(_net(), seed=0)[1])
 
 
 def test_is_update_step_reads_the_counter():
