@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from rigl_func.dispatch import count_ops
+
 import rigl_func
 from rigl_func.functional_optim import sgd
 from benchmarks.common import (
@@ -204,11 +206,16 @@ def _time_model(ctx: Context, name: str, make: Callable[[], nn.Module], in_shape
     log(f"[{NAME}] {name}: update steps x {ctx.repeats} ...")
     update = time_interleaved({v: (lambda o=o: o.step(DELTA)) for v, o in variants.items() if v != "dense"},
                               device=ctx.device, repeats=ctx.repeats, warmup=ctx.warmup)
+    launches = {}  # deterministic: kernel-launching ATen ops of one plain step (forward and backward included)
+    for v, o in variants.items():
+        with count_ops() as ops:
+            o.step(DELTA // 2)
+        launches[v] = ops.launches
     profiles = {}
     if ctx.profile and not ctx.smoke:
         for v in ("dense", "rigl_func shell"):
             profiles[v] = profile_ops(lambda o=variants[v]: o.step(DELTA // 2), ctx.device, row_limit=12)
-    return {"plain": plain, "update": update, "profiles": profiles, "batch": batch_size}
+    return {"plain": plain, "update": update, "profiles": profiles, "batch": batch_size, "launches": launches}
 
 
 def _amortized(plain: Timing, update: Optional[Timing]) -> Optional[float]:
@@ -220,24 +227,24 @@ def _amortized(plain: Timing, update: Optional[Timing]) -> Optional[float]:
 def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
     """Run the training-step benchmark and return its RESULTS.md section."""
     _, rt_note = optional_import("rigl_torch")
-    header = ["model", "variant", "plain step ms", "vs dense", "update step ms", "amortized ms (delta=100)",
-              "amortized vs dense"]
+    header = ["model", "variant", "plain step ms", "vs dense", "launches / plain step", "update step ms",
+              "amortized ms (delta=100)", "amortized vs dense"]
     rows, data, details = [], {}, []
     for name, make, in_shape, why in _models(ctx):
         if make is None:
-            rows.append([name, why, "—", "—", "—", "—", "—"])
+            rows.append([name, why, "—", "—", "—", "—", "—", "—"])
             continue
         res = _time_model(ctx, name, make, in_shape, rt_note, log)
         data[name] = res
         dense = res["plain"]["dense"].median_ms
         for v in VARIANTS:
             if v not in res["plain"]:
-                rows.append([name, v, rt_note, "—", "—", "—", "—"])
+                rows.append([name, v, rt_note, "—", "—", "—", "—", "—"])
                 continue
             p, u = res["plain"][v], res["update"].get(v)
             am = _amortized(p, u)
             rows.append([name, v, p.spread(), f"{p.median_ms / dense - 1:+.1%}" if v != "dense" else "—",
-                         u.spread() if u else "—", fmt_ms(am), f"{am / dense - 1:+.1%}" if v != "dense" else "—"])
+                         str(res["launches"][v]), u.spread() if u else "—", fmt_ms(am), f"{am / dense - 1:+.1%}" if v != "dense" else "—"])
         for v, prof in res["profiles"].items():
             details += [f"**{name}, {v}, plain step** (one call, self CPU time)", "",
                         "```", prof["cpu_table"].rstrip(), "```", ""]
@@ -271,7 +278,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
         f"(99 x plain + update) / 100. Targets: plain <= +{TARGET_PLAIN:.0%}, amortized <= +{TARGET_AMORTIZED:.0%} "
         "over dense.",
         "",
-        markdown_table(header, rows, align="llrrrrr"),
+        markdown_table(header, rows, align="llrrrrrr"),
         "",
         plot,
         "",
