@@ -14,6 +14,10 @@ With state, params and grads on CUDA:
    over several updates (``init_state`` draws masks on the CPU).
 4. ``torch.compile(update_topology, fullgraph=True)`` on CUDA equals eager and does not
    recompile.
+6. The one-call step ``tx.step`` (issue 13) on CUDA: no sync at optimizer or update
+   steps (the step counter is a CPU tensor), masks equal to the CPU run; compiled with
+   ``fullgraph=True`` (a ``torch.cond`` on a CPU predicate around CUDA operands): equal
+   to eager, no recompile, no sync.
 
 These are skipped where ``torch.cuda.is_available()`` is False (CI); run them on a GPU
 with ``bash benchmarks/gpu_check.sh OUTDIR``. The last test runs everywhere: the update
@@ -251,3 +255,67 @@ def test_update_on_meta_has_no_syncs_or_host_copies(name):
         new_params, new_state = update_topology(params, grads, state, cfg)
     assert all(v.device.type == "meta" for v in tree_flatten((new_params, new_state))[0])
     assert (ops.syncs, ops.host_to_device) == (0, 0), dict(ops.launch_ops)
+
+
+# ---------------------------------------------------------------------------------
+# 6. The one-call step (issue 13): params and RigL / optimizer state on CUDA, the step
+#    counter on the CPU.
+
+def _tx_setup(name: str, device):
+    cfg = _cfg(name)
+    gen = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+    tx = rigl_func.rigl(cfg, rigl_func.sgd(0.05, momentum=0.9))
+    params, state = tx.init(params, seed=0)
+    return tx, _to(params, device), state._replace(rigl=_to(state.rigl, device), opt=_to(state.opt, device))
+
+
+def _assert_close_runs(a, b):
+    (pa, sa), (pb, sb) = a, b
+    for k, m in sa.rigl.masks.items():
+        assert torch.equal(m.cpu(), sb.rigl.masks[k].cpu()), k
+    for k in pa:
+        torch.testing.assert_close(pa[k].cpu(), pb[k].cpu(), rtol=1e-5, atol=1e-6)
+    assert int(sa.count) == int(sb.count) and int(sa.rigl.num_updates) == int(sb.rigl.num_updates)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["rigl-erk", "set-uniform", "snfs-uniform"])
+def test_one_call_step_does_not_sync_and_matches_the_cpu(name):
+    tx, p_cpu, s_cpu = _tx_setup(name, "cpu")
+    _, p, s = _tx_setup(name, "cuda")
+    gen = torch.Generator().manual_seed(2)
+    for i in range(3 * tx.config.delta):  # 3 updates; the first one warms up cached constants
+        g = _grads(gen, "cpu")
+        p_cpu, s_cpu = tx.step(p_cpu, g, s_cpu)
+        g = _to(g, "cuda")
+        torch.cuda.synchronize()
+        if i < tx.config.delta:
+            p, s = tx.step(p, g, s)
+            continue
+        with _SyncsAreErrors():
+            p, s = tx.step(p, g, s)
+    torch.cuda.synchronize()
+    assert int(s.rigl.num_updates) == 3
+    _assert_close_runs((p, s), (p_cpu, s_cpu))
+
+
+@requires_cuda
+def test_compiled_one_call_step_on_cuda_equals_eager_without_recompiles_or_syncs():
+    torch._dynamo.reset()
+    tx, p, s = _tx_setup("rigl-erk", "cuda")
+    backend = CountingBackend("inductor")
+    compiled = torch.compile(tx.step, fullgraph=True, backend=backend)
+    eager = comp = (p, s)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(3 * tx.config.delta):
+        g = _to(_grads(gen, "cpu"), "cuda")
+        eager = tx.step(*eager[:1], g, eager[1])
+        torch.cuda.synchronize()
+        if i < tx.config.delta:
+            comp = compiled(*comp[:1], g, comp[1])
+        else:
+            with _SyncsAreErrors():
+                comp = compiled(*comp[:1], g, comp[1])
+        _assert_close_runs(comp, eager)
+    assert backend.calls == 1, "recompiled"
