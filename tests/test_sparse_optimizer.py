@@ -234,16 +234,23 @@ def test_compiled_step_ensemble_no_recompiles_equals_eager():
     def iteration(params, state, x, y):
         return tx.step_ensemble(params, vmap(grad(loss))(params, x, y), state)
 
+    comp = _compiled_equals_eager_ensemble(iteration, params, state, steps=7)
+    assert comp[1].rigl.num_updates.tolist() == [2, 2]
+
+
+def _compiled_equals_eager_ensemble(iteration, params, state, steps: int):
+    """Run ``iteration`` eager and compiled (fullgraph, recompiles are errors) on 2
+    stacked models; masks must agree at every step. Returns the compiled run."""
     torch._dynamo.reset()
     compiled = torch.compile(iteration, fullgraph=True)
     eager = comp = (params, state)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for i in range(7):
+        for i in range(steps):
             x, y = _ensemble_data(i, 2)
             eager = iteration(*eager, x, y)
             comp = compiled(*comp, x, y)
             assert _equal_trees(eager[1].rigl.masks, comp[1].rigl.masks), i
-    assert comp[1].rigl.num_updates.tolist() == [2, 2]
+    return comp
 
 
 def _on_meta(tree):
@@ -388,13 +395,5 @@ def test_compiled_vmap_of_step_runs_both_branches_and_stays_exact():
     def iteration(params, state, x, y):
         return vmap(lambda p, s, xb, yb: tx.step(p, grad(loss)(p, xb, yb), s))(params, state, x, y)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(iteration, fullgraph=True)
-    eager = comp = (params, state)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for i in range(4):
-            x, y = _ensemble_data(i, 2)
-            eager = iteration(*eager, x, y)
-            comp = compiled(*comp, x, y)
-            assert _equal_trees(eager[1].rigl.masks, comp[1].rigl.masks), i
+    comp = _compiled_equals_eager_ensemble(iteration, params, state, steps=4)
     assert comp[1].rigl.num_updates.tolist() == [1, 1] and comp[1].opt.count.tolist() == [3, 3]

@@ -24,6 +24,8 @@ are checked the same way; inductor costs ~30 s per structure on a 2-core CPU); s
 
 from __future__ import annotations
 
+import warnings
+
 import math
 import os
 
@@ -569,7 +571,12 @@ def _run(shapes, cfg, seed, p_nonfinite, device, check=True, q=8):
             continue
         growth = state.grad_acc if cfg.grad_accumulation_n > 1 else grads
         before = _clone((params, grads, state))
-        new_params, new_state = update_topology(params, grads, state, cfg)
+        with warnings.catch_warnings():
+            # Random scenarios may draw gradients that are exactly zero at every inactive
+            # entry: the masked-gradient warning (tests/test_criteria_protocol.py) is a
+            # false positive here.
+            warnings.filterwarnings("ignore", message="the gradients passed to update_topology are zero")
+            new_params, new_state = update_topology(params, grads, state, cfg)
         history.append((new_params, new_state.masks))
         if check:
             assert _same((params, grads, state), before), "update_topology modified its inputs"

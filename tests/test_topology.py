@@ -13,6 +13,8 @@ the whole mask, over several consecutive updates with NaN/inf in the gradients.
 
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import pytest
@@ -468,7 +470,12 @@ def _run_scenario(shapes, cfg, seed, p_nonfinite, device, check=True):
         else:
             growth = grads
         before = _clone((params, grads, state))
-        new_params, new_state = update_topology(params, grads, state, cfg)
+        with warnings.catch_warnings():
+            # Random scenarios may draw gradients that are exactly zero at every inactive
+            # entry: the masked-gradient warning (tests/test_criteria_protocol.py) is a
+            # false positive here.
+            warnings.filterwarnings("ignore", message="the gradients passed to update_topology are zero")
+            new_params, new_state = update_topology(params, grads, state, cfg)
         history.append((new_params, new_state.masks))
         if not check:
             params, state = new_params, new_state
