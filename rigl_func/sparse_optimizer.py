@@ -319,7 +319,13 @@ class RigLOptimizer:
 
     def _step_given(self, params, grads, state: RigLOptimizerState, aux, *, update: bool):
         """:meth:`step` with the branch given: accumulate, then the topology update and
-        optimizer-state reset (``update``) or the optimizer step on masked gradients."""
+        optimizer-state reset (``update``) or the optimizer step on masked gradients.
+        Under ``no_grad``, as ``torch.optim``'s steps: params that require grad (an
+        ``autograd.grad`` loop) do not chain one step's graph to the next."""
+        with torch.no_grad():
+            return self._step_given_no_grad(params, grads, state, aux, update=update)
+
+    def _step_given_no_grad(self, params, grads, state: RigLOptimizerState, aux, *, update: bool):
         rigl_state = accumulate(state.rigl, grads, self.config)
         if update:
             new_params, new_rigl = update_topology(params, grads, rigl_state, self.config, aux,

@@ -397,3 +397,19 @@ def test_compiled_vmap_of_step_runs_both_branches_and_stays_exact():
 
     comp = _compiled_equals_eager_ensemble(iteration, params, state, steps=4)
     assert comp[1].rigl.num_updates.tolist() == [1, 1] and comp[1].opt.count.tolist() == [3, 3]
+
+
+def test_step_does_not_chain_autograd_graphs():
+    """With an ``autograd.grad`` loop the params require grad; ``tx.step`` runs under
+    ``no_grad`` (as ``torch.optim``), so no graph links one step to the next."""
+    model = _net()
+    tx = rf.rigl(rf.RigLConfig(**CFG), rf.adamw(1e-2))
+    params, state = tx.init(model, seed=0)
+    for i in range(4):  # crosses the update at step 3
+        params = {k: v.requires_grad_(True) for k, v in params.items()}
+        x, y = _data(i)
+        loss = torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        params, state = tx.step(params, grads, state)
+        assert all(v.grad_fn is None for v in tree_leaves((params, state)))  # (passed-through leaves may require grad)
+    assert int(state.rigl.num_updates) == 1
