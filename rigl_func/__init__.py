@@ -54,6 +54,12 @@ from rigl_func.topology import accumulate, update_layer, update_topology
 
 __version__ = "0.1.0"
 
+# The state types load with torch.load(weights_only=True) (rigl_func.load_checkpoint's default).
+import torch as _torch
+
+_torch.serialization.add_safe_globals([RigLState, RigLOptimizerState, SGDState, AdamWState])
+del _torch
+
 __all__ = [
     "PruningConfig",
     "RigLConfig",
