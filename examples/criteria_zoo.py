@@ -2,7 +2,8 @@
 
 * ``grow_by_momentum`` (SNFS, Dettmers & Zettlemoyer 2019, Sec. 3): grow where the
   *momentum* of the dense gradients is largest, ``|m|``, with ``m = beta m + g``
-  kept by the training loop and passed as ``update_topology(..., aux={"momentum": m})``.
+  kept by the training loop and passed as ``aux={"momentum": m}`` (to ``tx.step`` or
+  ``update_topology``).
   It declares ``needs=("momentum",)``, so an update without that aux tree fails up
   front with a ``ValueError`` naming the criterion.
 * ``drop_by_sensitivity`` (first-order Taylor saliency, Molchanov et al. 2017 / SNIP,
@@ -10,7 +11,8 @@
   removal changes the loss least, ``|w * g|``.
 
 The script checks both with :func:`rigl_func.testing.check_criterion`, then trains a
-small MLP with them in a functional loop (one counter: ``state.step``). A few seconds
+small MLP with them, one ``tx.step(params, grads, state, aux={"momentum": m})`` call per
+iteration. A few seconds
 on a laptop CPU:
 
     python examples/criteria_zoo.py --steps 200
@@ -59,19 +61,15 @@ def main(steps: int = 200, seed: int = 0, lr: float = 0.1) -> float:
     def loss_fn(p):
         return torch.nn.functional.cross_entropy(functional_call(net, p, (x,)), y)
 
-    state = rf.init_state(net, config, seed=seed)
-    params = rf.apply_masks({k: v.detach() for k, v in net.named_parameters()}, state.masks)
-    momentum = {k: torch.zeros_like(params[k]) for k in state.masks}
+    tx = rf.rigl(config, rf.sgd(lr))
+    params, state = tx.init(net, seed=seed)
+    momentum = {k: torch.zeros_like(params[k]) for k in state.rigl.masks}
     for _ in range(steps):
         grads, loss = grad_and_value(loss_fn)(params)
-        momentum = {k: BETA * momentum[k] + grads[k] for k in momentum}   # dense gradients
-        state = rf.accumulate(state, grads, config)
-        if rf.is_update_step(state.step, config):
-            params, state = rf.update_topology(params, grads, state, config, aux={"momentum": momentum})
-        else:
-            params = rf.apply_masks({k: params[k] - lr * grads[k] for k in params}, state.masks)
-    density = {k: round(float(m.float().mean()), 3) for k, m in state.masks.items()}
-    print(f"final loss {float(loss):.4f}, {int(state.num_updates)} updates, densities {density}")
+        momentum = {k: BETA * momentum[k] + grads[k] for k in momentum}   # of the dense gradients
+        params, state = tx.step(params, grads, state, aux={"momentum": momentum})  # reaches extras["momentum"]
+    density = {k: round(float(m.float().mean()), 3) for k, m in state.rigl.masks.items()}
+    print(f"final loss {float(loss):.4f}, {int(state.rigl.num_updates)} updates, densities {density}")
     return float(loss)
 
 
