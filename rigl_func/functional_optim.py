@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -118,11 +118,39 @@ def _check_real(name: str, value, low: float, high: float = float("inf"), *, ope
         raise ValueError(f"{name} must be in {bounds}, got {name}={value!r}")
 
 
+def _check_lr(lr) -> None:
+    if not callable(lr):
+        _check_real("lr", lr, 0.0)
+
+
+def _lr_at(lr, count: Tensor):
+    """``lr`` as is, or a schedule ``lr(count)`` evaluated at the optimizer's step count
+    (0-d int64, steps taken so far): a 0-d float tensor, computed on the device."""
+    if not callable(lr):
+        return lr
+    value = lr(count)
+    if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+        raise TypeError(f"a learning-rate schedule must return a 0-d float tensor, got {value!r}")
+    return value
+
+
+def _scaled(tensors: list[Tensor], lr) -> list[Tensor]:
+    """``lr * t`` for a 0-d tensor ``lr`` (``torch._foreach_*``'s ``alpha=`` takes numbers only)."""
+    return _fe("mul", tensors, lr)
+
+
 @dataclass(frozen=True)
 class SGD:
     """SGD with momentum, dampening, Nesterov and (coupled) weight decay, as
     ``torch.optim.SGD``: ``g += wd p``; ``b = m b + (1 - d) g`` (``b = g`` on the first
     step); ``g = g + m b`` (Nesterov) or ``b``; ``p -= lr g``.
+
+    ``lr`` is a float or a schedule: a function ``count -> lr`` of the optimizer's step
+    count (0-d int64 tensor, steps taken so far) returning a 0-d float tensor, evaluated
+    on the device every step (no sync, no recompile), e.g. cosine decay over ``T`` steps:
+    ``lambda c: 0.1 * 0.5 * (1 + torch.cos(math.pi * c / T))``. Under :func:`rigl_func.rigl`
+    the topology-update steps are not optimizer steps, so ``count`` lags the iteration
+    count by ``state.rigl.num_updates``.
 
     Frozen and hashable: a static argument for ``torch.compile``.
 
@@ -135,14 +163,14 @@ class SGD:
         ([0.8999999761581421, 0.0], [1.0, 0.0], 1)
     """
 
-    lr: float
+    lr: Union[float, Callable[[Tensor], Tensor]]
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_real("lr", self.lr, 0.0)
+        _check_lr(self.lr)
         _check_real("momentum", self.momentum, 0.0)
         _check_real("dampening", self.dampening, 0.0, 1.0 + 1e-12)
         _check_real("weight_decay", self.weight_decay, 0.0)
@@ -185,7 +213,8 @@ class SGD:
             # (without dampening 0 * m + g == g: the first step needs no branch)
             gs = _fe("add", gs, bufs, alpha=self.momentum) if self.nesterov else bufs
             momentum = dict(zip(names, bufs))
-        new = _fe("add", ps, gs, alpha=-self.lr)
+        lr = _lr_at(self.lr, state.count)
+        new = _fe("sub", ps, _scaled(gs, lr)) if isinstance(lr, Tensor) else _fe("add", ps, gs, alpha=-lr)
         return dict(zip(names, new)), SGDState(momentum=momentum, count=state.count + 1)
 
 
@@ -206,13 +235,13 @@ class AdamW:
         ([0.9, 0.0], 0.0)
     """
 
-    lr: float = 1e-3
+    lr: Union[float, Callable[[Tensor], Tensor]] = 1e-3  # or a schedule, as in SGD
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-2
 
     def __post_init__(self) -> None:
-        _check_real("lr", self.lr, 0.0)
+        _check_lr(self.lr)
         _check_real("eps", self.eps, 0.0)
         _check_real("weight_decay", self.weight_decay, 0.0)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
@@ -235,13 +264,14 @@ class AdamW:
         grads = mask_grads(grads, masks)
         ps, gs = [params[n] for n in names], [grads[n] for n in names]
         count = state.count + 1
+        lr = _lr_at(self.lr, state.count)
         if self.weight_decay:
-            ps = _fe("mul", ps, 1.0 - self.lr * self.weight_decay)
+            ps = _fe("mul", ps, 1.0 - lr * self.weight_decay)
         exp_avg = _fe("lerp", [state.exp_avg[n] for n in names], gs, 1.0 - beta1)
         exp_avg_sq = _fe("addcmul", _fe("mul", [state.exp_avg_sq[n] for n in names], beta2), gs, gs,
                          value=1.0 - beta2)
         t = count.to(torch.float64)
-        neg_step_size = -self.lr / (1.0 - beta1 ** t)  # shape=(), float64
+        neg_step_size = -lr / (1.0 - beta1 ** t)  # shape=(), float64
         bias_correction2_sqrt = (1.0 - beta2 ** t) ** 0.5  # shape=(), float64
         denom = _fe("add", _fe("div", _fe("sqrt", exp_avg_sq), bias_correction2_sqrt), self.eps)
         new = _fe("add", ps, _fe("mul", _fe("div", exp_avg, denom), neg_step_size))
@@ -252,7 +282,7 @@ class AdamW:
                                       count=count)
 
 
-def sgd(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+def sgd(lr: Union[float, Callable[[Tensor], Tensor]], momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
         weight_decay: float = 0.0) -> SGD:
     """A masked functional SGD (:class:`SGD`), named like ``optax.sgd``.
 
@@ -265,7 +295,7 @@ def sgd(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool
     return SGD(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
 
 
-def adamw(lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+def adamw(lr: Union[float, Callable[[Tensor], Tensor]] = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 1e-2) -> AdamW:
     """A masked functional AdamW (:class:`AdamW`), named like ``optax.adamw``.
 

@@ -230,3 +230,53 @@ def test_mask_grads_and_errors():
     with pytest.raises(ValueError, match="state.momentum must have the keys"):
         opt.step({"v": torch.ones(2)}, {"v": torch.ones(2)}, state)
     assert hash(opt) == hash(sgd(0.1, momentum=0.9))  # frozen config: a static compile argument
+
+
+def _halving(count):
+    return 0.1 * 0.5 ** count.to(torch.float64)  # exact powers of two: no rounding in the schedule
+
+
+@pytest.mark.parametrize("which", ["sgd", "adamw"])
+def test_lr_schedule_equals_torch_lambda_lr(which, device):
+    """``lr`` as a function of the step count equals ``torch.optim`` + ``LambdaLR``
+    (to float rounding: the scheduled lr is a tensor, multiplied then subtracted)."""
+    if which == "sgd":
+        fopt = sgd(_halving, momentum=0.9, weight_decay=1e-2)
+        make = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=True)  # noqa: E731
+    else:
+        fopt = adamw(_halving, weight_decay=0.1)
+        make = lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1, foreach=True)  # noqa: E731
+    params, masks, gen = _setup(device)
+    ref = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    topt = make(ref)
+    schedule = torch.optim.lr_scheduler.LambdaLR(topt, lambda epoch: 0.5 ** epoch)
+    state = fopt.init(params)
+    for _ in range(5):
+        grads = apply_masks(_grads(gen, device), masks)
+        for p, n in zip(ref, params):
+            p.grad = grads[n].clone()
+        topt.step()
+        schedule.step()
+        params, state = fopt.step(params, grads, state, masks)
+        for p, n in zip(ref, params):
+            torch.testing.assert_close(params[n], p.detach(), rtol=1e-6, atol=1e-7)
+            p.data.copy_(params[n])
+    assert topt.param_groups[0]["lr"] == 0.1 * 0.5 ** 5
+
+
+def test_lr_schedule_compiles_without_recompiles_and_bad_schedule_is_named():
+    torch._dynamo.reset()
+    params, masks, gen = _setup("cpu")
+    opt = sgd(_halving, momentum=0.9)
+    backend = CountingBackend(COMPILE_BACKEND)
+    compiled = torch.compile(opt.step, fullgraph=True, backend=backend)
+    eager = comp = (params, opt.init(params))
+    for _ in range(4):
+        grads = _grads(gen, "cpu")
+        eager = opt.step(*eager[:1], grads, eager[1], masks)
+        comp = compiled(*comp[:1], grads, comp[1], masks)
+        for n in params:
+            torch.testing.assert_close(comp[0][n], eager[0][n], rtol=1e-6, atol=1e-7)
+    assert backend.calls == 1
+    with pytest.raises(TypeError, match="learning-rate schedule must return a 0-d float tensor, got 0.1"):
+        sgd(lambda c: 0.1).step(params, _grads(gen, "cpu"), sgd(0.1).init(params), masks)
