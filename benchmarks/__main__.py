@@ -1,6 +1,7 @@
 """Command line of the rigl_func benchmarks.
 
-    python -m benchmarks --threads 1 --write-results   # full run, rewrites benchmarks/RESULTS.md (+ plots)
+    python -m benchmarks --threads 1 --write-results   # full run, rewrites benchmarks/RESULTS.md (+ plots),
+                                                       # keeping its "(hand-written" sections
     python -m benchmarks                 # full run, report to a temp file (RESULTS.md untouched)
     python -m benchmarks --smoke         # seconds; CI; writes a temp file, never RESULTS.md
     python -m benchmarks --only topology train_step --device cuda --repeats 5
@@ -30,7 +31,7 @@ import importlib
 
 from benchmarks import common
 
-__all__ = ["BENCHMARKS", "main"]
+__all__ = ["BENCHMARKS", "main", "hand_written_sections"]
 
 #: Registered benchmarks, in the order they run and appear in RESULTS.md.
 _MODULES = ("topology", "rigl_torch_step", "train_step", "vmap_ensembles", "memory")
@@ -43,6 +44,26 @@ def _load(module: str) -> ModuleType:
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in map(_load, _MODULES)}
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+HAND_WRITTEN = "(hand-written"
+
+
+def hand_written_sections(text: str) -> list[str]:
+    """The ``## ...`` sections of a RESULTS.md whose heading contains ``(hand-written``
+    (results of other commands: the GPU check, issue write-ups), as lines, in order.
+    Headings inside code fences (profiler tables) are not headings."""
+    kept, keep, fenced = [], False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and line.startswith("## "):
+            keep = HAND_WRITTEN in line
+        elif not fenced and line.startswith("# "):
+            keep = False
+        if keep:
+            kept.append(line)
+    return kept + ([""] if kept and kept[-1] else [])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         *(f"- **{k}**: {v}" for k, v in info.items()),
         "",
     ]
+    if out.resolve() == RESULTS.resolve() and RESULTS.exists():
+        lines += hand_written_sections(RESULTS.read_text())  # kept across --write-results
     for section in sections:
         lines += [f"## {section.title}", "", section.markdown.rstrip(), ""]
     out.parent.mkdir(parents=True, exist_ok=True)

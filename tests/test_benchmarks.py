@@ -115,3 +115,25 @@ def test_vmap_benchmark_steps_equal_the_per_model_loop(autograd):
                 torch.testing.assert_close(out_p[n][i], ref_p[n], rtol=1e-5, atol=1e-6)
     assert int(out_s.num_updates.sum()) == 2
     assert any(not torch.equal(out_s.masks[n][i], states[i].masks[n]) for i in range(2) for n in out_s.masks)
+
+
+def test_write_results_keeps_hand_written_sections():
+    """``--write-results`` regenerates RESULTS.md but keeps the sections written by other
+    commands (GPU check, issue write-ups): headings with "(hand-written"."""
+    from pathlib import Path
+
+    from benchmarks.__main__ import hand_written_sections
+
+    text = "\n".join([
+        "# rigl_func benchmarks", "", "- **CPU**: x", "",
+        "## Issue 1 (hand-written, today)", "", "kept", "```", "## not a heading", "```", "",
+        "## update_topology vs. a topk floor", "", "regenerated", "",
+        "## GPU check (hand-written, today)", "", "also kept",
+    ])
+    kept = hand_written_sections(text)
+    assert kept == ["## Issue 1 (hand-written, today)", "", "kept", "```", "## not a heading", "```", "",
+                    "## GPU check (hand-written, today)", "", "also kept", ""]
+    real = hand_written_sections((Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text())
+    headings = [line for line in real if line.startswith("## ") and "hand-written" in line]
+    assert [h.split(" (")[0] for h in headings] == ["## Issue 13: one call per iteration, `tx.step`",
+                                                    "## Issue 11: batched update, one-launch masking", "## GPU check"]
