@@ -97,14 +97,22 @@ def test_step_equals_the_four_call_loop_bit_for_bit(opt_name, engine, method):
     assert int(state.opt.count) == 14 - 4  # an update step replaces the optimizer step
 
 
-def test_grad_accumulation_and_static_and_custom_criteria():
+@pytest.mark.parametrize("extra,updates", [
+    (dict(grad_accumulation_n=2), 3),
+    (dict(method="static"), 0),
+    (dict(structure="n:m", n_m=(1, 4), sparsity=0.75, distribution="uniform"), 3),
+    (dict(structure="block", block=(2, 2), distribution="uniform", dense=("4.weight",)), 3),  # 3 outputs: not 2x2
+    (dict(grow_init="gradient", grow_init_scale=0.5), 3),
+    (dict(grow_init="normal"), 3),
+], ids=["accumulate2", "static", "n:m", "block", "grow_init_gradient", "grow_init_normal"])
+def test_other_configs_equal_the_four_call_loop(extra, updates):
     model = _net()
-    for config in (rf.RigLConfig(grad_accumulation_n=2, **CFG), rf.RigLConfig(method="static", **CFG)):
-        tx = rf.rigl(config, rf.sgd(0.05, momentum=0.9))
-        params, state = _run(tx, model, 10)
-        ref_params, ref_state, _ = _manual(model, config, rf.sgd(0.05, momentum=0.9), 10)
-        assert _equal_trees(params, ref_params) and _equal_trees(state.rigl, ref_state)
-    assert int(state.rigl.num_updates) == 0  # static
+    config = rf.RigLConfig(**{**CFG, **extra})
+    tx = rf.rigl(config, rf.sgd(0.05, momentum=0.9))
+    params, state = _run(tx, model, 10)
+    ref_params, ref_state, _ = _manual(model, config, rf.sgd(0.05, momentum=0.9), 10)
+    assert _equal_trees(params, ref_params) and _equal_trees(state.rigl, ref_state)
+    assert int(state.rigl.num_updates) == updates
 
 
 def test_exact_nnz_inactive_zero_and_inputs_untouched():
