@@ -192,8 +192,11 @@ class RigLOptimizer:
         return params, RigLOptimizerState(rigl=rigl_state, opt=self.optimizer.init(params), count=count)
 
     def is_update_step(self, state: RigLOptimizerState) -> bool:
-        """Whether the next :meth:`step` updates the topology (reads the CPU counter)."""
-        return bool(is_update_step(int(state.count) + 1, self.config))
+        """Whether the next :meth:`step` (or :meth:`step_ensemble`: the K counters must
+        agree) updates the topology. Reads the CPU counter: free."""
+        if state.count.dim() == 0 and not _is_wrapped(state.count):
+            return bool(is_update_step(int(state.count) + 1, self.config))
+        return _host_bool(is_update_step(state.count + 1, self.config))
 
     def step(
         self,

@@ -191,6 +191,7 @@ def test_k_seeds_in_one_call_equal_a_loop(how):
         params, state = vmap(tx.step)(params, g, state) if how == "vmap" else tx.step_ensemble(params, g, state)
         loop = [tx.step(p, grad(loss)(p, x[j], y[j]), s) for j, (p, s) in enumerate(loop)]
     assert state.count.tolist() == [8, 8, 8] and state.rigl.num_updates.tolist() == [2, 2, 2]
+    assert tx.is_update_step(state) is True  # the next step, 9, updates (read from the [K] counter)
     for j, (p, s) in enumerate(loop):
         assert _equal_trees(tree_map(lambda t: t[j], (params, state)), (p, s))
     assert len({tuple(m.flatten().tolist()) for m in state.rigl.masks["0.weight"]}) == 3  # own masks
