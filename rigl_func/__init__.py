@@ -54,10 +54,11 @@ from rigl_func.topology import accumulate, update_layer, update_topology
 
 __version__ = "0.1.0"
 
-# The state types load with torch.load(weights_only=True) (rigl_func.load_checkpoint's default).
+# The state types load with torch.load(weights_only=True) (load_checkpoint also re-adds them
+# for its call if a caller's torch.serialization.safe_globals context removed them).
 import torch as _torch
 
-_torch.serialization.add_safe_globals([RigLState, RigLOptimizerState, SGDState, AdamWState])
+_torch.serialization.add_safe_globals(checkpoint.state_types())
 del _torch
 
 __all__ = [

@@ -31,7 +31,7 @@ import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temp_files"]
+__all__ = ["state_types", "save_checkpoint", "load_checkpoint", "remove_stale_temp_files"]
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:
@@ -74,7 +74,8 @@ def load_checkpoint(path: PathLike, map_location: Any = None, *, weights_only: b
         path: the checkpoint file.
         map_location: as in ``torch.load`` (e.g. ``"cpu"``).
         weights_only: as in ``torch.load``; True (tensors, dicts, lists, numbers,
-            strings) suffices for everything rigl_func saves.
+            strings and rigl_func's state types: :data:`state_types`) suffices for
+            everything rigl_func saves.
 
     Raises:
         ValueError: ``path`` does not exist.
@@ -82,7 +83,22 @@ def load_checkpoint(path: PathLike, map_location: Any = None, *, weights_only: b
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"load_checkpoint: path={path!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=weights_only)
+    # rigl_func allowlists its state types at import, but a caller's
+    # ``with torch.serialization.safe_globals([...])`` removes them again on exit: add back
+    # (for this call only) whichever are missing.
+    missing = [t for t in state_types() if t not in torch.serialization.get_safe_globals()]
+    with torch.serialization.safe_globals(missing):
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
+def state_types() -> list[type]:
+    """The NamedTuple state types of rigl_func (``RigLState``, ``RigLOptimizerState``,
+    ``SGDState``, ``AdamWState``): loadable with ``torch.load(weights_only=True)``."""
+    from rigl_func.functional_optim import AdamWState, SGDState
+    from rigl_func.sparse_optimizer import RigLOptimizerState
+    from rigl_func.state import RigLState
+
+    return [RigLState, RigLOptimizerState, SGDState, AdamWState]
 
 
 def remove_stale_temp_files(path: PathLike) -> list[str]:

@@ -422,3 +422,15 @@ def test_step_does_not_chain_autograd_graphs():
         params, state = tx.step(params, grads, state)
         assert all(v.grad_fn is None for v in tree_leaves((params, state)))  # (passed-through leaves may require grad)
     assert int(state.rigl.num_updates) == 1
+
+
+def test_load_checkpoint_survives_a_safe_globals_context(tmp_path):
+    """``with torch.serialization.safe_globals([RigLState])`` removes RigLState from the
+    allowlist on exit, even though rigl_func had added it: load_checkpoint still loads."""
+    params, state = rf.rigl(rf.RigLConfig(**CFG), rf.sgd(0.1)).init(_net(), seed=0)
+    rf.save_checkpoint(state, tmp_path / "s.pt")
+    with torch.serialization.safe_globals([rf.RigLState]):
+        pass
+    assert rf.RigLState not in torch.serialization.get_safe_globals()
+    assert _equal_trees(rf.load_checkpoint(tmp_path / "s.pt"), state)
+    torch.serialization.add_safe_globals(rf.checkpoint.state_types())  # leave the process as import left it
