@@ -290,7 +290,7 @@ def test_meta_model_raises_named_error():
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="meta device.*materialize"):
-        RigLScheduler(model, opt, dense_allocation=0.3, T_end=20, ignore_linear_layers=False)
+        RigLScheduler(model, opt, dense_allocation=0.3, T_end=20, delta=5, ignore_linear_layers=False)
     with pytest.raises(ValueError, match="meta device"):
         init_state(model, RigLConfig(t_end=20, delta=5), seed=0)
 
