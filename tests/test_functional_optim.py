@@ -198,10 +198,12 @@ def test_compile_fullgraph_equals_eager_without_recompiles(opt):
 
 
 def test_launches_do_not_grow_with_layers():
+    """Counted on ``meta`` (a stand-in for a GPU: the CPU masks tensor by tensor, see
+    ``masked_where``'s ``pack``)."""
     def launches(n_layers, opt):
-        params = {f"{i}.weight": torch.randn(4, 4) for i in range(n_layers)}
-        masks = {n: torch.rand(4, 4) > 0.5 for n in params}
-        grads = {n: torch.randn(4, 4) for n in params}
+        params = {f"{i}.weight": torch.randn(4, 4, device="meta") for i in range(n_layers)}
+        masks = {n: torch.rand(4, 4, device="meta") > 0.5 for n in params}
+        grads = {n: torch.randn(4, 4, device="meta") for n in params}
         state = opt.init(params)
         with count_ops() as ops:
             opt.step(params, grads, state, masks)
@@ -280,3 +282,20 @@ def test_lr_schedule_compiles_without_recompiles_and_bad_schedule_is_named():
     assert backend.calls == 1
     with pytest.raises(TypeError, match="learning-rate schedule must return a 0-d float tensor, got 0.1"):
         sgd(lambda c: 0.1).step(params, _grads(gen, "cpu"), sgd(0.1).init(params), masks)
+
+
+def test_masked_where_packed_and_per_tensor_agree_bitwise():
+    from rigl_func.masks import masked_where
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(s, generator=gen) for s in [(3, 4), (5,), (2, 2, 2)]] + [torch.ones(3, dtype=torch.bfloat16)]
+    tensors[0][0, 0], tensors[1][2], tensors[2][1, 1, 1] = float("nan"), float("inf"), -0.0
+    masks = [torch.rand(t.shape, generator=gen) > 0.4 for t in tensors]
+    masks[0][0, 0] = masks[1][2] = False
+    packed, single = masked_where(tensors, masks, pack=True), masked_where(tensors, masks, pack=False)
+    for a, b, t, m in zip(packed, single, tensors, masks):
+        assert a.dtype == b.dtype == t.dtype
+        assert torch.equal(a.view(-1).view(torch.uint8) if a.dtype != torch.bfloat16 else a.float(),
+                           b.view(-1).view(torch.uint8) if b.dtype != torch.bfloat16 else b.float())
+        assert not a[~m].any() and torch.equal(a[m], t[m])
+    assert masked_where(tensors, masks)[0]._base is None  # the CPU default: tensor by tensor
