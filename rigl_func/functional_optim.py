@@ -134,11 +134,6 @@ def _lr_at(lr, count: Tensor):
     return value
 
 
-def _scaled(tensors: list[Tensor], lr) -> list[Tensor]:
-    """``lr * t`` for a 0-d tensor ``lr`` (``torch._foreach_*``'s ``alpha=`` takes numbers only)."""
-    return _fe("mul", tensors, lr)
-
-
 @dataclass(frozen=True)
 class SGD:
     """SGD with momentum, dampening, Nesterov and (coupled) weight decay, as
@@ -214,7 +209,8 @@ class SGD:
             gs = _fe("add", gs, bufs, alpha=self.momentum) if self.nesterov else bufs
             momentum = dict(zip(names, bufs))
         lr = _lr_at(self.lr, state.count)
-        new = _fe("sub", ps, _scaled(gs, lr)) if isinstance(lr, Tensor) else _fe("add", ps, gs, alpha=-lr)
+        # A scheduled lr is a 0-d tensor: multiply, then subtract (foreach's alpha= takes numbers only).
+        new = _fe("sub", ps, _fe("mul", gs, lr)) if isinstance(lr, Tensor) else _fe("add", ps, gs, alpha=-lr)
         return dict(zip(names, new)), SGDState(momentum=momentum, count=state.count + 1)
 
 

@@ -230,10 +230,8 @@ class RigLOptimizer:
         """
         self._check_state(state, batched=False)
         operands = (dict(params), dict(grads), state, self._aux(aux))
-        if not torch.compiler.is_compiling():
-            if _is_wrapped(state.count):  # vmap(tx.step): the K counters must agree
-                return self._step_given(*operands, update=_host_bool(is_update_step(state.count + 1, self.config)))
-            return self._step_given(*operands, update=bool(is_update_step(int(state.count) + 1, self.config)))
+        if not torch.compiler.is_compiling():  # under vmap(tx.step) the K counters must agree
+            return self._step_given(*operands, update=self.is_update_step(state))
         pred = is_update_step(state.count + 1, self.config)  # shape=(), bool, CPU
         if torch._C._functorch.is_batchedtensor(pred):
             # A compiled vmap(tx.step): torch.cond cannot branch on a batched predicate
@@ -278,7 +276,7 @@ class RigLOptimizer:
             return torch.func.vmap(lambda *o: self._step_given(*o, update=update))(*ops)
 
         if not torch.compiler.is_compiling():
-            return vmapped(*operands, update=_host_bool(is_update_step(state.count + 1, self.config)))
+            return vmapped(*operands, update=self.is_update_step(state))
         return self._cond(is_update_step(state.count[0] + 1, self.config), vmapped, operands)
 
     @staticmethod
@@ -326,30 +324,27 @@ class RigLOptimizer:
         Under ``no_grad``, as ``torch.optim``'s steps: params that require grad (an
         ``autograd.grad`` loop) do not chain one step's graph to the next."""
         with torch.no_grad():
-            return self._step_given_no_grad(params, grads, state, aux, update=update)
-
-    def _step_given_no_grad(self, params, grads, state: RigLOptimizerState, aux, *, update: bool):
-        rigl_state = accumulate(state.rigl, grads, self.config)
-        if update:
-            new_params, new_rigl = update_topology(params, grads, rigl_state, self.config, aux,
-                                                   engine=self.engine, debug=self.debug)
-            new_opt = reset_optimizer_state(state.opt, rigl_state.masks, new_rigl.masks)
-        else:
-            new_params, new_opt = self.optimizer.step(params, grads, state.opt, rigl_state.masks)
-            # The full structure check costs a flatten per step: traced once when compiled
-            # (where torch.cond needs it), eager only with debug=True.
-            full = torch.compiler.is_compiling() or self.debug
-            if type(new_opt) is not type(state.opt) or \
-                    (full and pytree.tree_structure(new_opt) != pytree.tree_structure(state.opt)):
-                raise TypeError("optimizer.step must return a state with the structure of the one it got "
-                                f"(got {pytree.tree_structure(new_opt)} for {pytree.tree_structure(state.opt)})")
-            new_rigl = rigl_state
-        out = ({k: new_params[k] for k in params},
-               RigLOptimizerState(rigl=new_rigl._replace(masks={k: new_rigl.masks[k] for k in rigl_state.masks}),
-                                  opt=new_opt, count=state.count + 1))
-        # Compiled: every output gets storage of its own (torch.cond). Eager: the
-        # update's views of flat buffers are copied apart (cheap, update steps only).
-        return _own_tree(out) if (update or torch.compiler.is_compiling()) else out
+            rigl_state = accumulate(state.rigl, grads, self.config)
+            if update:
+                new_params, new_rigl = update_topology(params, grads, rigl_state, self.config, aux,
+                                                       engine=self.engine, debug=self.debug)
+                new_rigl = new_rigl._replace(masks={k: new_rigl.masks[k] for k in rigl_state.masks})
+                new_opt = reset_optimizer_state(state.opt, rigl_state.masks, new_rigl.masks)
+            else:
+                new_params, new_opt = self.optimizer.step(params, grads, state.opt, rigl_state.masks)
+                # The full structure check costs a flatten per step: traced once when
+                # compiled (where torch.cond needs it), eager only with debug=True.
+                full = torch.compiler.is_compiling() or self.debug
+                if type(new_opt) is not type(state.opt) or \
+                        (full and pytree.tree_structure(new_opt) != pytree.tree_structure(state.opt)):
+                    raise TypeError("optimizer.step must return a state with the structure of the one it got "
+                                    f"(got {pytree.tree_structure(new_opt)} for {pytree.tree_structure(state.opt)})")
+                new_rigl = rigl_state
+            out = ({k: new_params[k] for k in params},
+                   RigLOptimizerState(rigl=new_rigl, opt=new_opt, count=state.count + 1))
+            # Compiled: every output gets storage of its own (torch.cond). Eager: the
+            # update's views of flat buffers are copied apart (cheap, update steps only).
+            return _own_tree(out) if (update or torch.compiler.is_compiling()) else out
 
 
 def rigl(config: RigLConfig, optimizer: Any, *, engine: str = "auto", debug: bool = False) -> RigLOptimizer:
