@@ -38,6 +38,8 @@ __all__ = [
     "profile_ops",
     "fmt_ms",
     "fmt_ratio",
+    "optional_import",
+    "RIGL_TORCH",
 ]
 
 
@@ -292,17 +294,38 @@ def profile_ops(fn: Callable[[], Any], device: torch.device, *, row_limit: int =
     return result
 
 
+#: What to import to use rigl-torch: its scheduler module, not just the package.
+#: rigl-torch 0.5.2's ``rigl_torch/RigL.py`` imports ``rigl_torch/util.py``, which imports
+#: torchvision, so without torchvision ``import rigl_torch`` works and ``rigl_torch.RigL``
+#: does not.
+RIGL_TORCH = "rigl_torch.RigL"
+
+
 def optional_import(name: str) -> tuple[Any, Optional[str]]:
-    """``(module, None)`` or ``(None, "skipped: <name> not installed")``.
+    """``(module, None)`` or ``(None, "skipped: <why>")``.
 
     Benchmarks that compare against rigl-torch or build torchvision models use it so
-    that a missing package yields a ``skipped: ...`` cell instead of a crash.
+    that a missing package yields a ``skipped: ...`` cell instead of a crash. Import the
+    module that is actually used (``RIGL_TORCH`` for rigl-torch): a package can import
+    while one of its modules needs a dependency that is missing, and the reason then
+    names that dependency.
+
+    Example:
+        >>> optional_import("math")[1] is None
+        True
+        >>> optional_import("surely_not_installed_xyz")[1]
+        'skipped: surely_not_installed_xyz not installed (ModuleNotFoundError)'
     """
     import importlib
 
     try:
         return importlib.import_module(name), None
     except ImportError as err:  # ModuleNotFoundError, or a broken install
+        missing = getattr(err, "name", None)
+        top = name.split(".")[0]
+        if isinstance(err, ModuleNotFoundError) and missing and missing.split(".")[0] != top:
+            hint = " (README: install torchvision with --no-deps)" if missing.split(".")[0] == "torchvision" else ""
+            return None, f"skipped: {name} needs {missing}, which is not installed{hint}"
         return None, f"skipped: {name} not installed ({type(err).__name__})"
 
 

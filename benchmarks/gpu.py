@@ -60,7 +60,7 @@ import rigl_func
 from rigl_func.dispatch import count_ops
 from rigl_func.model_shapes import mlp_shapes, resnet50_shapes
 
-from benchmarks.common import fmt_ms, markdown_table, optional_import, set_scheduler_step
+from benchmarks.common import fmt_ms, markdown_table, RIGL_TORCH, optional_import, set_scheduler_step
 from benchmarks.rigl_torch_step import KWARGS as SCHED_KWARGS
 from benchmarks.rigl_torch_step import _at_update_step_ours, _at_update_step_rigl_torch, _small_net
 from benchmarks.train_step import mlp
@@ -553,7 +553,7 @@ def _stage_same_model(ctx: Ctx) -> None:
     fns: dict[str, Callable[[], Any]] = {}
     skipped: dict[str, str] = {}
     rt_name = "rigl-torch 0.5.2 RigLScheduler() (update step, uniform)"
-    rt, why_rt = optional_import("rigl_torch")
+    rt, why_rt = optional_import(RIGL_TORCH)
     if rt is None:
         skipped[rt_name] = why_rt
     else:
@@ -768,7 +768,7 @@ def _training_models(ctx: Ctx) -> list[dict[str, Any]]:
 
 def _stage_training(ctx: Ctx) -> None:
     title = "Training-step overhead vs dense"
-    _, why_rt = optional_import("rigl_torch")
+    _, why_rt = optional_import(RIGL_TORCH)
     header = ["model", "variant", "median ms", "median (min–max) ms", "wall ms", "vs dense"]
     rows, data = [], []
     if ctx.device.type == "cuda":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rigl_func
-from benchmarks.common import Context, Section, markdown_table, optional_import
+from benchmarks.common import Context, Section, markdown_table, RIGL_TORCH, optional_import
 from benchmarks.train_step import mlp
 
 __all__ = ["NAME", "TITLE", "run", "held_tensors", "held_bytes"]
@@ -141,7 +141,7 @@ def _core_state_bytes(model: nn.Module, kwargs: dict) -> tuple[int, int]:
 def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
     """Measure the memory table and return its RESULTS.md section."""
     tv, tv_note = optional_import("torchvision")
-    rigl_torch, rt_note = optional_import("rigl_torch")
+    rigl_torch, rt_note = optional_import(RIGL_TORCH)
     if tv is not None and not ctx.smoke:
         model_name, in_shape = "ResNet-18 CIFAR (torchvision, num_classes=10)", (3, 32, 32)
         make = lambda: (torch.manual_seed(0), tv.models.resnet18(num_classes=10))[1].to(ctx.device)  # noqa: E731

@@ -33,6 +33,7 @@ from benchmarks.common import (
     fmt_ms,
     fmt_ratio,
     markdown_table,
+    RIGL_TORCH,
     optional_import,
     set_scheduler_step,
     time_interleaved,
@@ -104,7 +105,7 @@ def _at_update_step_ours(sched: rigl_func.RigLScheduler, grads: dict[str, torch.
 def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
     """Run the rigl-torch comparison and return its RESULTS.md section."""
     model_name, make, model_note = _model(ctx.smoke)
-    rigl_torch, rt_note = optional_import("rigl_torch")
+    rigl_torch, rt_note = optional_import(RIGL_TORCH)
     torch.manual_seed(0)
     ours_model = make().to(ctx.device)
     grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(ctx.device)
@@ -142,7 +143,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
             continue
         t = timings[name]
         rows.append([name, fmt_ms(t.median_ms), t.spread(),
-                     fmt_ratio(rt.median_ms, t.median_ms) if rt else (rt_note or "—")])
+                     fmt_ratio(rt.median_ms, t.median_ms) if rt else "—"])
     header = ["variant", "median ms", "median (min–max) ms", "rigl-torch / variant"]
     speedups = {n: rt.median_ms / t.median_ms for n, t in timings.items() if rt and n != "rigl-torch"}
     md = [

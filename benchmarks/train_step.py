@@ -41,6 +41,7 @@ from benchmarks.common import (
     Timing,
     fmt_ms,
     markdown_table,
+    RIGL_TORCH,
     optional_import,
     profile_ops,
     save_plot,
@@ -226,7 +227,7 @@ def _amortized(plain: Timing, update: Optional[Timing]) -> Optional[float]:
 
 def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
     """Run the training-step benchmark and return its RESULTS.md section."""
-    _, rt_note = optional_import("rigl_torch")
+    _, rt_note = optional_import(RIGL_TORCH)
     header = ["model", "variant", "plain step ms", "vs dense", "launches / plain step", "update step ms",
               "amortized ms (delta=100)", "amortized vs dense"]
     rows, data, details = [], {}, []

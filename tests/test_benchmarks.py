@@ -31,6 +31,31 @@ def test_optional_import_missing_module_says_skipped():
     assert module is not None and note is None
 
 
+def test_optional_import_names_the_missing_dependency(tmp_path, monkeypatch):
+    """rigl-torch 0.5.2's case: the package imports, its module needs a package that is
+    missing (``rigl_torch/util.py`` imports torchvision): the reason names that package."""
+    pkg = tmp_path / "fake_pkg_with_dep"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sched.py").write_text("import surely_missing_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module, note = optional_import("fake_pkg_with_dep.sched")
+    assert module is None
+    assert note == "skipped: fake_pkg_with_dep.sched needs surely_missing_dependency_xyz, which is not installed"
+
+
+def test_rigl_torch_rows_are_skipped_exactly_when_its_scheduler_cannot_import():
+    from benchmarks.common import RIGL_TORCH
+
+    try:
+        from rigl_torch.RigL import RigLScheduler  # noqa: F401
+        importable = True
+    except ImportError:
+        importable = False
+    module, note = optional_import(RIGL_TORCH)
+    assert (module is not None) is importable and (note is None) is importable, note
+
+
 def test_time_interleaved_calls_each_variant_warmup_plus_repeats_times():
     calls = {"a": 0, "b": 0}
 

@@ -15,6 +15,15 @@ import pytest
 
 from _timeouts import timeout_s
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RIGL_TORCH, optional_import  # noqa: E402
+
+# The README's install has no torchvision (and so no usable rigl-torch 0.5.2, whose
+# rigl_torch/util.py imports it): the report must then say "skipped: <why>" in those rows
+# and still have every section, with no failed stage.
+TORCHVISION = optional_import("torchvision")[0] is not None
+RIGL_TORCH_OK = optional_import(RIGL_TORCH)[0] is not None
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 WHEELS = ROOT / "benchmarks" / "wheels"
@@ -38,10 +47,18 @@ def test_quick_report_has_every_section(quick_report):
     assert "torch.__version__" in text and "torch.cuda.get_device_name()" in text
     for row in ("rigl_func update_topology (eager)", "floor: one sort of all entries", "floor: one topk over all",
                 "floor: per-layer", "torch.compile fullgraph", "CUDA graph replay", "rigl_func RigLScheduler() shell",
-                "| dense |", "| functional |", "| rigl-torch |"):
+                "| dense |", "| functional |", "| rigl-torch |", "| rigl-torch 0.5.2 RigLScheduler() (update step"):
         assert row in text, row
     assert "skipped: CUDA graphs need a CUDA device" in text
     assert "stage failed" not in text, text[text.index("## Errors and skips"):]
+    rigl_torch_rows = [line for line in text.splitlines() if line.startswith("| ") and "rigl-torch" in line]
+    # the same-model update, the MLP's training step and, with torchvision, ResNet-18's
+    assert len(rigl_torch_rows) == 2 + TORCHVISION, rigl_torch_rows
+    for line in rigl_torch_rows:
+        skipped = "skipped: rigl_torch.RigL needs torchvision, which is not installed" in line
+        assert skipped is not RIGL_TORCH_OK, line
+    resnet = [line for line in text.splitlines() if line.startswith("| ResNet-18")]
+    assert resnet and all(("skipped: torchvision not installed" in line) is not TORCHVISION for line in resnet), resnet
 
 
 def test_quick_report_json(quick_report):
@@ -53,7 +70,9 @@ def test_quick_report_json(quick_report):
     compiled = [r for r in data["topology"] if "torch.compile" in r["variant"]]
     assert compiled and all("compiled == eager: yes" in r["note"] for r in compiled), compiled
     dense = [r for r in data["training"] if r["variant"] == "dense"]
-    assert len(dense) == 2 and all(r["median_ms"] > 0 for r in dense)
+    assert len(dense) == (2 if TORCHVISION else 1) and all(r["median_ms"] > 0 for r in dense)  # ResNet-18, MLP
+    rigl_torch = [r for r in data["training"] if r["variant"] == "rigl-torch"]
+    assert [("median_ms" in r) for r in rigl_torch] == [RIGL_TORCH_OK] * len(dense), rigl_torch
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
