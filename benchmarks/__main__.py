@@ -34,7 +34,7 @@ from benchmarks import common
 __all__ = ["BENCHMARKS", "main", "hand_written_sections"]
 
 #: Registered benchmarks, in the order they run and appear in RESULTS.md.
-_MODULES = ("topology", "rigl_torch_step", "train_step", "vmap_ensembles", "memory")
+_MODULES = ("topology", "rigl_torch_step", "train_step", "vmap_ensembles", "memory", "sparse_speedup")
 
 
 def _load(module: str) -> ModuleType:
