@@ -311,7 +311,8 @@ def train(args: argparse.Namespace, build_model: Callable[[], nn.Module], train_
 
     print(f"{args.method} sparsity={args.sparsity if pruner else 0.0} distribution={args.distribution}: "
           f"{total_steps} steps ({args.epochs} epochs x {steps_per_epoch}), running to step {stop}, "
-          f"T_end={getattr(pruner, 'T_end', None)}, density={_density(pruner):.4f}", flush=True)
+          f"T_end={getattr(pruner, 'T_end', None)}, density={_density(pruner):.4f}; torch {torch.__version__}, "
+          f"device {device}, {torch.get_num_threads()} CPU thread(s)", flush=True)
     tic, tic_step = time.perf_counter(), step
     while step < stop:
         epoch, batch = divmod(step, steps_per_epoch)

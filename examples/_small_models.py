@@ -311,18 +311,20 @@ def train(
     }
 
 
-def run_parallel(fn: Callable[[Any], Any], items: Iterable, jobs: int) -> Iterator:
+def run_parallel(fn: Callable[[Any], Any], items: Iterable, jobs: int, threads: int = 1) -> Iterator:
     """Yield ``fn(item)`` for every item, in completion order, from ``jobs`` worker processes.
 
-    ``jobs <= 1`` runs in this process, in order. Workers are *spawned* (no fork of a
-    process with OpenMP threads) and run one torch thread each: on a small CPU, one
-    single-threaded run per core beats one run with every core, and does not degrade
-    (OpenMP spin-waits) when other programs share the machine. ``fn`` must be picklable
-    (a module-level function or a ``functools.partial`` of one).
+    ``jobs <= 1`` runs in this process, in order (with the caller's threads). Workers are
+    *spawned* (no fork of a process with OpenMP threads) and run ``threads`` torch threads
+    each (default one: on a small CPU, one single-threaded run per core beats one run with
+    every core, and does not degrade (OpenMP spin-waits) when other programs share the
+    machine). ``fn`` must be picklable (a module-level function or a ``functools.partial``
+    of one).
     """
     items = list(items)
     if jobs <= 1 or len(items) <= 1:
         yield from map(fn, items)
         return
-    with multiprocessing.get_context("spawn").Pool(jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=torch.set_num_threads,
+                                                   initargs=(max(1, threads),)) as pool:
         yield from pool.imap_unordered(fn, items)

@@ -35,7 +35,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--smoke", action="store_true", help="a few steps, tiny model")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, set before any work (default 1: a model this small runs best on 1; 0: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s)")
     steps, width = (30, 32) if args.smoke else (args.steps, 256)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)

@@ -78,7 +78,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true", help="skip check_criterion")
+    import _runinfo  # examples/ is on sys.path when run as a script: --threads, the run description
+
+    _runinfo.add_threads_argument(parser)
     args = parser.parse_args()
+    print(_runinfo.describe(_runinfo.run_info("cpu", threads=_runinfo.apply_threads(args.threads))))
     if not args.no_check:
         check()
         print("check_criterion: both criteria pass")

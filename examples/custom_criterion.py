@@ -102,5 +102,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--compile-backend", default="inductor")
+    import _runinfo  # examples/ is on sys.path when run as a script: --threads, the run description
+
+    _runinfo.add_threads_argument(parser)
     args = parser.parse_args()
+    print(_runinfo.describe(_runinfo.run_info("cpu", threads=_runinfo.apply_threads(args.threads))))
     main(args.steps, args.seed, args.models, args.compile_backend)

@@ -86,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
 
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     rank, world, device = setup()
+    if rank == 0:
+        print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s) per rank, "
+              f"{world} rank(s)", flush=True)
     try:
         if args.global_batch % world:
             raise ValueError(f"--global-batch={args.global_batch} must be divisible by the world size {world}")

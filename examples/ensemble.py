@@ -6,7 +6,7 @@ order and optimizer state; ``rigl_func.stack_states`` stacks the K params and st
 the masked SGD step of all K models at once (``torch.func.vmap`` inside, the branch
 taken once for all K). A few seconds on a laptop CPU:
 
-    python examples/ensemble.py --seeds 4 --steps 300
+    python examples/ensemble.py --seeds 4 --steps 300      # --threads N: torch threads (default 1)
 """
 
 from __future__ import annotations
@@ -58,5 +58,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300)
+    import _runinfo  # examples/ is on sys.path when run as a script: --threads, the run description
+
+    _runinfo.add_threads_argument(parser)
     args = parser.parse_args()
+    print(_runinfo.describe(_runinfo.run_info("cpu", threads=_runinfo.apply_threads(args.threads))))
     main(args.seeds, args.steps)

@@ -63,5 +63,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spelled-out", action="store_true", help="train with the primitives instead of tx.step")
+    import _runinfo  # examples/ is on sys.path when run as a script: --threads, the run description
+
+    _runinfo.add_threads_argument(parser)
     args = parser.parse_args()
+    print(_runinfo.describe(_runinfo.run_info("cpu", threads=_runinfo.apply_threads(args.threads))))
     main(args.steps, args.seed, args.spelled_out)

@@ -24,7 +24,8 @@ study resumes from it: cells already there with the same settings are skipped),
 ``results.md`` (accuracy mean ± std, method × sparsity, per combination) and
 ``accuracy_vs_sparsity.png`` (one panel per combination, error bars = std over seeds).
 An automatic "ordering check" is printed and appended to ``results.md``. Runs go to
-``--jobs`` worker processes (default 2, one torch thread each).
+``--jobs`` worker processes (default 2) with ``--threads`` torch threads each (default 1); every
+run in ``results.json`` records the torch version, device and threads it ran with.
 
     pip install -e ".[examples]"
     python examples/reproduce.py                      # full study (375 runs): est. 11-13 min on 2 idle CPU cores
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _runinfo  # noqa: E402  (--threads and the run description)
 import _small_models as sm  # noqa: E402  (shared with train_mnist1d.py)
 
 COMBOS = {  # name -> (dataset, model, learning rate, epochs)
@@ -195,7 +197,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--delta", type=int, default=None, help="ΔT; default steps // 20")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2, one per core)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads with --jobs 1 (workers use 1)")
+    _runinfo.add_threads_argument(parser)  # per process: this one with --jobs 1, else each worker
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset cache (default: --out)")
@@ -210,7 +212,7 @@ def main(argv=None) -> list[dict]:
     from tqdm.auto import tqdm
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    args.threads = _runinfo.apply_threads(args.threads)
     try:
         return _study(args, tqdm)
     finally:
@@ -230,17 +232,22 @@ def _study(args: argparse.Namespace, tqdm) -> list[dict]:
     for dataset in {COMBOS[c["combo"]][0] for c in todo}:
         load(dataset, args.data_dir, args.smoke)  # generate MNIST-1D once, before any worker starts
     start = time.time()
-    work = functools.partial(train_cell, data_dir=args.data_dir, device=args.device,
-                             threads=args.threads if args.jobs <= 1 else 1)
-    for r in tqdm(sm.run_parallel(work, todo, args.jobs), total=len(todo), desc="study", unit="run"):
+    info = _runinfo.run_info(args.device, jobs=args.jobs if args.jobs > 1 and len(todo) > 1 else 1,
+                             threads=args.threads)
+    print(_runinfo.describe(info), flush=True)
+    work = functools.partial(train_cell, data_dir=args.data_dir, device=args.device, threads=args.threads)
+    for r in tqdm(sm.run_parallel(work, todo, args.jobs, threads=args.threads), total=len(todo), desc="study",
+                  unit="run"):
+        r["environment"] = info  # runs accumulate across sessions: each keeps what it ran with
         stored.append(r)
         tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"runs": stored}, indent=1))
+        tmp.write_text(json.dumps({"environment": info, "runs": stored}, indent=1))
         os.replace(tmp, results_path)  # atomic: an interrupted study resumes from the last finished run
     wanted_keys = {run_key(c) for c in wanted}
     runs = [r for r in stored if run_key(r) in wanted_keys]  # this study's cells only
     methods = [m for m in sm.METHODS if m in args.methods or m == "dense"]
-    report = [f"# Reproduction study ({args.distribution}, {args.seeds} seeds; {time.time() - start:.0f} s this session)", ""]
+    report = [f"# Reproduction study ({args.distribution}, {args.seeds} seeds; {time.time() - start:.0f} s this session; "
+              f"{_runinfo.describe(info)})", ""]
     for combo in args.combos:
         report += [table(runs, combo, methods, args.sparsity), "", *ordering_check(runs, combo, args.sparsity), ""]
     text = "\n".join(report)

@@ -11,6 +11,10 @@ ERK; mask turnover, every seed) and ``results.json`` to ``--out``.
     pip install -e ".[examples]"
     python examples/train_mnist1d.py                  # about 1.5 min on 2 CPU cores (2 worker processes)
     python examples/train_mnist1d.py --seeds 5 --epochs 100 --sparsity 0.8 0.9 0.95 --device cuda
+
+Threads: ``--threads`` per worker process, default 1 (see ``_runinfo.py``: small models
+gain nothing from more, and several threads collapse on a busy machine). The run prints
+and ``results.json`` records the torch version, device and threads it ran with.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _runinfo  # noqa: E402  (--threads and the run description)
 import _small_models as sm  # noqa: E402  (data, model and training loop shared with reproduce.py)
 
 METHODS = {  # name -> (rigl_func method, distribution)
@@ -193,7 +198,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--delta", type=int, default=50)
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each (1: in-process)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, --threads torch threads each (1: in-process)")
+    _runinfo.add_threads_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("runs/mnist1d"))
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST-1D cache (default: --out)")
     parser.add_argument("--smoke", action="store_true", help="tiny run (CI): 1 seed, 2 epochs, 512 samples")
@@ -211,11 +217,12 @@ def main(argv=None) -> list[dict]:
             if not (m == "dense" and s != args.sparsity[0])]
     work = functools.partial(train_one, data=data, args=args)
     threads = torch.get_num_threads()
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and never spin-waits on a busy machine
+    info = _runinfo.run_info(args.device, jobs=min(args.jobs, len(jobs)) if args.jobs > 1 else 1,
+                             threads=_runinfo.apply_threads(args.threads))
+    print(_runinfo.describe(info), flush=True)
     try:
         with tqdm(total=len(jobs), desc=f"training ({args.epochs} epochs per run)", unit="run") as progress:
-            for run in sm.run_parallel(work, jobs, args.jobs):
+            for run in sm.run_parallel(work, jobs, args.jobs, threads=info["threads"]):
                 runs.append(run)
                 progress.set_postfix(method=run["method"], seed=run["seed"], acc=f"{run['test_acc']:.3f}")
                 progress.update(1)
@@ -223,9 +230,11 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(threads)
     runs.sort(key=lambda r: (r["sparsity"], list(METHODS).index(r["method"]), r["seed"]))
     table = summarize(runs)
-    print(f"\nMNIST-1D, {args.epochs} epochs, {args.seeds} seeds, {time.time() - start:.0f} s\n")
+    info["wall_s"] = round(time.time() - start, 1)
+    print(f"\nMNIST-1D, {args.epochs} epochs, {args.seeds} seeds, {info['wall_s']:.0f} s; {_runinfo.describe(info)}\n")
     print(table)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "environment": info, "runs": runs}, indent=1))
     (args.out / "results.md").write_text(table + "\n")
     for path in plot(runs, args.out):
         print(f"saved {path}")
