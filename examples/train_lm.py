@@ -28,6 +28,7 @@ sparsity) and ``results.json`` in ``--out``.
     python examples/train_lm.py                      # rigl vs dense at 90%, 3 seeds (2 worker processes)
     python examples/train_lm.py --smoke              # CI: < 1 min on 2 CPU cores
     python examples/train_lm.py --study              # the docs/results.md LM study (see there)
+    python examples/train_lm.py --ensemble --seeds 4 --methods rigl   # 4 seeds in one vmap'd step_ensemble
     python examples/train_lm.py --device cuda --layers 6 --width 384 --heads 6 --context 256 \\
         --batch-size 64 --steps 5000 --jobs 1 --sparsity 0.8 0.9 0.95   # a larger model on a GPU
 
@@ -349,17 +350,25 @@ def train_one(job: tuple[str, float, int, int], args: argparse.Namespace) -> dic
             train_curve.append((step, statistics.mean(running) if running else float(loss)))
             running = []
     seconds = time.perf_counter() - t0
+    return _result(job, model, tx, params, state.rigl.masks, int(state.rigl.num_updates), curve, train_curve,
+                   seconds, args)
 
-    masks = state.rigl.masks
+
+def _result(job, model, tx, params, masks, num_updates, curve, train_curve, seconds, args) -> dict:
+    """One run's record: losses, exact counts (nnz and the config's target nnz per layer), densities and
+    FLOPs relative to dense (``rigl_func.relative_flops``; training FLOPs times the steps multiplier)."""
+    method, sparsity, seed, mult = job
+    steps = args.steps * mult
     shapes = {k: tuple(m.shape) for k, m in masks.items()}
     target = rf.target_nnz(shapes, tx.config)
     nnz = {k: int(m.sum()) for k, m in masks.items()}
     n_all = sum(v.numel() for v in params.values())
     active = sum(nnz.values()) + n_all - sum(m.numel() for m in masks.values())
     model.eval()
-    flops = rf.forward_flops(model, torch.zeros(1, cfg.context, dtype=torch.long, device=dev))
+    dev = _dev(params)
+    flops = rf.forward_flops(model, torch.zeros(1, model.cfg.context, dtype=torch.long, device=dev))
     kind = "dense" if method == "dense" else tx.config.method
-    rel = rf.relative_flops(flops, {k: m for k, m in masks.items()}, kind, delta=args.delta,
+    rel = rf.relative_flops(flops, dict(masks), kind, delta=args.delta,
                             t_end=tx.config.t_end if kind == "rigl" else None, total_steps=steps)
     val_loss = curve[-1][1]
     return {
@@ -370,8 +379,62 @@ def train_one(job: tuple[str, float, int, int], args: argparse.Namespace) -> dic
         "sparse_density": sum(nnz.values()) / max(1, sum(m.numel() for m in masks.values())),
         "density": active / n_all, "params": n_all,
         "train_flops": rel["train"] * mult, "infer_flops": rel["inference"],
-        "num_updates": int(state.rigl.num_updates), "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
+        "num_updates": num_updates, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
     }
+
+
+def train_ensemble(method: str, sparsity: float, mult: int, args: argparse.Namespace) -> list[dict]:
+    """``--seeds`` models of one method trained together: ``vmap(grad)`` and one ``tx.step_ensemble`` per
+    iteration. Seeds, masks and batch order are those of :func:`train_one` for seeds ``0..K-1``; the losses
+    agree with it to float rounding (the vmapped gradients sum in another order, and a rounding difference
+    can flip a tie in a topology update). Attention runs on SDPA's math path
+    (``sdpa_kernel(SDPBackend.MATH)``): the fused CPU kernel has no vmap batching rule.
+
+    Returns:
+        one record per seed, as :func:`train_one`'s (``seconds`` is the ensemble's time divided by K).
+    """
+    from torch.func import vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    data, k_models = corpus(), args.seeds
+    cfg = GPTConfig(layers=args.layers, width=args.width, heads=args.heads, context=args.context)
+    dev = torch.device(args.device)
+    steps = args.steps * mult
+    inits = []
+    for seed in range(k_models):
+        torch.manual_seed(seed)
+        model = GPT(cfg).to(dev)
+        tx = make_tx(method, sparsity, steps, args, model)
+        inits.append(tx.init(model, seed=seed))
+    params, state = rf.stack_states([p for p, _ in inits]), rf.stack_states([s for _, s in inits])
+    loss_fn = loss_of(model)
+    step_fn = vmap(grad_and_value(loss_fn))
+    clip = vmap(lambda g: clip_grad_norm(g, args.clip))
+    train, val = data["train"], data["val"]
+    starts_val = val_starts(len(val), args.val_windows, cfg.context)
+    gens = [torch.Generator().manual_seed(10_000 + seed) for seed in range(k_models)]
+    every = max(1, steps // args.evals)
+    curves, train_curves, running = [[] for _ in gens], [[] for _ in gens], []
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        windows = [batch_at(train, torch.randint(0, len(train) - cfg.context - 1, (args.batch_size,), generator=g),
+                            cfg.context) for g in gens]
+        x, y = (torch.stack(t).to(dev) for t in zip(*windows))  # [K, B, T]
+        with sdpa_kernel(SDPBackend.MATH):
+            grads, loss = step_fn(params, x, y)
+        params, state = tx.step_ensemble(params, clip(grads), state)
+        if step % 10 == 0 or step == steps:
+            running.append(loss.tolist())
+        if step % every == 0 or step == steps:
+            for k in range(k_models):
+                p_k = {n: v[k] for n, v in params.items()}
+                curves[k].append((step, evaluate(loss_fn, p_k, val, starts_val, cfg.context)))
+                train_curves[k].append((step, statistics.mean(r[k] for r in running) if running else float(loss[k])))
+            running = []
+    seconds = (time.perf_counter() - t0) / k_models
+    return [_result((method, sparsity, k, mult), model, tx, {n: v[k] for n, v in params.items()},
+                    {n: m[k] for n, m in state.rigl.masks.items()}, int(state.rigl.num_updates[k]),
+                    curves[k], train_curves[k], seconds, args) for k in range(k_models)]
 
 
 def _init_worker(threads: int) -> None:
@@ -588,6 +651,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (or in-process)")
     p.add_argument("--out", type=Path, default=Path("runs/lm"))
     p.add_argument("--study", action="store_true", help="the docs/results.md grid (ignores --methods/--sparsity/--mult)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="train the seeds of each method together (vmap(grad) + tx.step_ensemble), in-process")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: dense + rigl, 1 seed, 120 steps of a 1-layer d=64 model")
     return p
 
@@ -595,7 +660,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
     if args.smoke:
-        args.methods, args.seeds, args.steps, args.delta, args.jobs = ["dense", "rigl"], 1, 120, 10, 1
+        args.methods, args.steps, args.delta, args.jobs = ["dense", "rigl"], 120, 10, 1
+        args.seeds = 2 if args.ensemble else 1
         args.layers, args.width, args.heads, args.context, args.batch_size = 1, 64, 2, 32, 8
         args.evals, args.val_windows, args.mult = 4, 32, [1]
     if args.device.startswith("cuda") and args.jobs > 1:
@@ -624,7 +690,12 @@ def main(argv=None) -> list[dict]:
     runs, start = [], time.time()
     try:
         with tqdm(total=sum(j[3] for j in jobs) * args.steps, desc="training", unit="step", unit_scale=True) as bar:
-            for run in run_parallel(_Job(args), jobs, args.jobs, args.threads):
+            if args.ensemble:  # one process, all seeds of a (method, sparsity, mult) at once
+                groups = list(dict.fromkeys((m, sp, mult) for m, sp, _, mult in jobs))
+                results = (r for g in groups for r in train_ensemble(*g, args))
+            else:
+                results = run_parallel(_Job(args), jobs, args.jobs, args.threads)
+            for run in results:
                 runs.append(run)
                 (args.out / "runs.partial.json").write_text(json.dumps(runs))  # survives an interrupted run
                 bar.set_postfix(run=f"{label(run['method'], run['mult'])} s={run['sparsity']} seed={run['seed']}",
