@@ -364,23 +364,52 @@ def _result(job, model, tx, params, masks, num_updates, curve, train_curve, seco
     nnz = {k: int(m.sum()) for k, m in masks.items()}
     n_all = sum(v.numel() for v in params.values())
     active = sum(nnz.values()) + n_all - sum(m.numel() for m in masks.values())
-    model.eval()
-    dev = _dev(params)
-    flops = rf.forward_flops(model, torch.zeros(1, model.cfg.context, dtype=torch.long, device=dev))
-    kind = "dense" if method == "dense" else tx.config.method
-    rel = rf.relative_flops(flops, dict(masks), kind, delta=args.delta,
-                            t_end=tx.config.t_end if kind == "rigl" else None, total_steps=steps)
+    layer_density = {k: nnz[k] / masks[k].numel() for k in masks}
+    rel = run_flops(model, method, tx.config.method, layer_density, steps, args)
     val_loss = curve[-1][1]
     return {
         "method": method, "sparsity": 0.0 if method == "dense" else sparsity, "seed": seed, "mult": mult,
         "steps": steps, "val_loss": val_loss, "bpb": val_loss / math.log(2), "curve": curve,
         "train_curve": train_curve, "nnz": nnz, "target_nnz": target,
-        "layer_density": {k: nnz[k] / masks[k].numel() for k in masks},
+        "layer_density": layer_density,
         "sparse_density": sum(nnz.values()) / max(1, sum(m.numel() for m in masks.values())),
         "density": active / n_all, "params": n_all,
         "train_flops": rel["train"] * mult, "infer_flops": rel["inference"],
         "num_updates": num_updates, "seconds": seconds, "ms_per_step": 1000 * seconds / steps,
     }
+
+
+def model_flops(model: nn.Module) -> dict[str, float]:
+    """``rigl_func.forward_flops`` of one sequence of ``context`` bytes, attention included: counted on SDPA's
+    math path, because torch's ``FlopCounterMode`` has no formula for the fused CPU kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``) and would leave attention out (torch 2.14)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model.eval()
+    dev = next(model.parameters()).device
+    with sdpa_kernel(SDPBackend.MATH):
+        return rf.forward_flops(model, torch.zeros(1, model.cfg.context, dtype=torch.long, device=dev))
+
+
+def run_flops(model: nn.Module, method: str, rule: str, layer_density: dict[str, float], steps: int,
+              args: argparse.Namespace) -> dict[str, float]:
+    """``rigl_func.relative_flops`` of one run: dense, or the config's method (``static``/``set``/``rigl``),
+    RigL's dense-gradient steps counted until T_end (``--end-fraction`` of ``steps``)."""
+    kind = "dense" if method == "dense" else rule
+    return rf.relative_flops(model_flops(model), layer_density, kind, delta=args.delta,
+                             t_end=max(1, int(args.end_fraction * steps)) if kind == "rigl" else None,
+                             total_steps=steps)
+
+
+def refresh_flops(runs: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The runs with ``train_flops``/``infer_flops`` recomputed by :func:`run_flops` from their stored
+    per-layer densities (for results stored by an older version of this script)."""
+    model = GPT(GPTConfig(layers=args.layers, width=args.width, heads=args.heads, context=args.context))
+    out = []
+    for r in runs:
+        rel = run_flops(model, r["method"], parse_method(r["method"])[0], r["layer_density"], r["steps"], args)
+        out.append({**r, "train_flops": rel["train"] * r["mult"], "infer_flops": rel["inference"]})
+    return out
 
 
 def train_ensemble(method: str, sparsity: float, mult: int, args: argparse.Namespace) -> list[dict]:
@@ -651,6 +680,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (or in-process)")
     p.add_argument("--out", type=Path, default=Path("runs/lm"))
     p.add_argument("--study", action="store_true", help="the docs/results.md grid (ignores --methods/--sparsity/--mult)")
+    p.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="no training: rebuild the table and plots of a stored results.json in --out")
     p.add_argument("--ensemble", action="store_true",
                    help="train the seeds of each method together (vmap(grad) + tx.step_ensemble), in-process")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: dense + rigl, 1 seed, 120 steps of a 1-layer d=64 model")
@@ -659,6 +690,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
+    if args.report is not None:
+        return rereport(args.report, args.out)
     if args.smoke:
         args.methods, args.steps, args.delta, args.jobs = ["dense", "rigl"], 120, 10, 1
         args.seeds = 2 if args.ensemble else 1
@@ -704,25 +737,43 @@ def main(argv=None) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     wall = time.time() - start
-    runs.sort(key=lambda r: (r["sparsity"], r["mult"], sort_key(r["method"]), r["seed"]))
-    table, comp = summarize(runs), comparisons(runs)
-    head = (f"Byte-level GPT ({args.layers} layers, d={args.width}, {args.heads} heads, context {args.context}, "
-            f"{n_all:,} params), {args.steps} steps x batch {args.batch_size}, {args.seeds} seed(s), "
-            f"wall {wall:.0f} s ({args.jobs} worker(s) x {args.threads} thread(s), torch {torch.__version__}, "
-            f"{args.device})")
-    print(f"\n{head}\n\n{table}\n")
-    if comp.count("\n") > 1:
-        print(comp + "\n")
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": multiprocessing.cpu_count(), "device": args.device, "threads": args.threads,
             "jobs": args.jobs, "wall_s": wall, "corpus": info, "model": asdict(GPTConfig(
                 layers=args.layers, width=args.width, heads=args.heads, context=args.context)),
             "params": n_all, "sparse_params": n_sparse, "sparse_names": sparse,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    (args.out / "results.md").write_text(f"{head}\n\n{table}\n\n{comp}\n")
-    for path in plot(runs, args.out):
+    report(runs, meta, args.out)
+    return runs
+
+
+def report(runs: list[dict], meta: dict, out: Path) -> None:
+    """Prints the results table and the paired comparisons; writes ``results.json``, ``results.md`` and the
+    plots to ``out``."""
+    a = meta["args"]
+    runs = sorted(runs, key=lambda r: (r["sparsity"], r["mult"], sort_key(r["method"]), r["seed"]))
+    table, comp = summarize(runs), comparisons(runs)
+    head = (f"Byte-level GPT ({a['layers']} layers, d={a['width']}, {a['heads']} heads, context {a['context']}, "
+            f"{meta['params']:,} params), {a['steps']} steps x batch {a['batch_size']}, {a['seeds']} seed(s), "
+            f"wall {meta['wall_s']:.0f} s ({meta['jobs']} worker(s) x {meta['threads']} thread(s), "
+            f"torch {meta['torch']}, {meta['device']})")
+    print(f"\n{head}\n\n{table}\n")
+    if comp.count("\n") > 1:
+        print(comp + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    (out / "results.md").write_text(f"{head}\n\n{table}\n\n{comp}\n")
+    for path in plot(runs, out):
         print(f"saved {path}")
+
+
+def rereport(results_json: Path, out: Path) -> list[dict]:
+    """Rebuilds the table, comparisons and plots of a stored ``results.json`` in ``out``, with the FLOPs
+    recomputed from the stored per-layer densities (:func:`refresh_flops`)."""
+    stored = json.loads(Path(results_json).read_text())
+    meta = stored["meta"]
+    runs = refresh_flops(stored["runs"], argparse.Namespace(**meta["args"]))
+    report(runs, meta, out)
     return runs
 
 

@@ -64,6 +64,20 @@ def test_smoke_run_prints_a_rigl_row_with_exact_counts(tmp_path, capsys):
     assert re.fullmatch(r"\d\.\d{3} / 0\.100", density_cell), rows[0]
     for name in ("results.json", "results.md", "val_loss.png", "bpb.png"):
         assert (tmp_path / name).is_file()
+    again = lm.main(["--report", str(tmp_path / "results.json"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "results.md").read_text() == (tmp_path / "results.md").read_text()
+    assert [r["train_flops"] for r in again] == [r["train_flops"] for r in runs]
+
+
+def test_flops_count_attention():
+    """The FLOPs columns include attention (counted on SDPA's math path): torch's FlopCounterMode has no
+    formula for the fused CPU kernel."""
+    cfg = lm.GPTConfig(layers=2, width=32, heads=2, context=16)
+    flops = lm.model_flops(lm.GPT(cfg))
+    linear = sum(v for k, v in flops.items() if k != "total")  # q, k, v, o, fc1, fc2 (the tied head is not a module)
+    head = 2 * cfg.context * cfg.width * cfg.vocab
+    attention = cfg.layers * 2 * (2 * cfg.context * cfg.context * cfg.width)  # q k^T and att v, dense T x T
+    assert flops["total"] == linear + head + attention
 
 
 def _ensemble_world(k_models: int = 4):
