@@ -122,8 +122,11 @@ class RigLConfig:
         schedule_power: exponent k of the ``"inverse_power"`` schedule.
         grad_accumulation_n: number of most recent steps whose dense gradients are
             averaged for the grow score, in [1, delta) (rigl-torch's extension).
-        include: regular expressions; when non-empty, only parameters whose name
-            matches one of them (``re.search``) are sparsified.
+        include: regular expressions (``re.search``); they *add* floating-point
+            parameters with >= 2 dims to the rule's sparse set (e.g.
+            ``r"in_proj_weight$"``, an embedding): see
+            :func:`rigl_func.sparse_param_names` and the table in ``docs/sharp_bits.md``.
+            A pattern that matches no parameter name is an error.
         exclude: regular expressions; matching parameters stay dense.
         dense: exact parameter names kept dense (left out of the sparsity budget).
         erk_power_scale: exponent of the ERK raw score (1.0 = paper).
@@ -139,6 +142,12 @@ class RigLConfig:
             ``structure="block"``; Conv kernels have their own blocks at each kernel
             position. The distribution's per-layer sparsity is rounded to whole
             blocks. Dims 0 and 1 must be divisible by ``rows`` and ``cols``.
+
+        update_chunk: the batched engine (:mod:`rigl_func.batched_update`) processes its
+            padded rows in chunks of at most this many entries (a single layer may
+            exceed it), so an update's temporaries stay a fraction of the model; the
+            result does not depend on it. ``0`` (default): automatic (no chunking up
+            to 2**25 weights, then one sixteenth of the sparse weights per chunk).
 
     Raises:
         ValueError: a field has an invalid value; the message names it.
@@ -174,6 +183,7 @@ class RigLConfig:
     structure: str = "unstructured"
     n_m: tuple[int, int] = (2, 4)
     block: tuple[int, int] = (4, 4)
+    update_chunk: int = 0
 
     def __post_init__(self) -> None:
         _LIVE_CONFIGS[id(self)] = self  # see config_by_id
@@ -197,7 +207,7 @@ class RigLConfig:
             object.__setattr__(self, "grow_criterion", grow_default)
         if self.ema_momentum is None:
             object.__setattr__(self, "ema_momentum", ema_default)
-        for name in ("t_end", "delta", "t_start", "grad_accumulation_n"):
+        for name in ("t_end", "delta", "t_start", "grad_accumulation_n", "update_chunk"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise TypeError(f"{name} must be an int, got {name}={value!r}")
@@ -207,6 +217,8 @@ class RigLConfig:
                 raise TypeError(f"{name} must be a real number, got {name}={value!r}")
         if self.t_end <= 0:
             raise ValueError(f"t_end must be > 0, got t_end={self.t_end}")
+        if self.update_chunk < 0:
+            raise ValueError(f"update_chunk must be >= 0 (0 = automatic), got update_chunk={self.update_chunk}")
         if self.delta <= 0:
             raise ValueError(f"delta must be > 0, got delta={self.delta}")
         if not 0 <= self.t_start < self.t_end:
@@ -277,17 +289,27 @@ class RigLConfig:
             )
 
     def is_sparse_name(self, name: str) -> bool:
-        """Whether the config's include/exclude/dense rules let ``name`` be sparse.
+        """Whether ``exclude``/``dense`` leave ``name`` sparse (if the sparsity rule,
+        :func:`rigl_func.sparse_param_names`, or ``include`` makes it a candidate).
 
         Args:
             name: a parameter name as in ``named_parameters()``.
 
         Returns:
-            ``False`` if ``name`` is in ``dense``, matches an ``exclude`` pattern, or
-            ``include`` is non-empty and ``name`` matches none of its patterns.
+            ``False`` if ``name`` is in ``dense`` or matches an ``exclude`` pattern.
+            (``include`` adds names, it does not filter: see :meth:`is_included`.)
 
         Example:
             >>> RigLConfig(t_end=10, delta=5, exclude=("^fc",)).is_sparse_name("fc.weight")
             False
         """
-        return _is_sparse_name(self, name)
+        return name not in self.dense and not any(re.search(p, name) for p in self.exclude)
+
+    def is_included(self, name: str) -> bool:
+        """Whether an ``include`` pattern names ``name`` (adding it to the sparse set).
+
+        Example:
+            >>> RigLConfig(t_end=10, delta=5, include=("in_proj",)).is_included("attn.in_proj_weight")
+            True
+        """
+        return any(re.search(p, name) for p in self.include)

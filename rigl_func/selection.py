@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from rigl_func.segment_select import ordered_int32_
+from rigl_func.row_select import ordered_int32_
 
 __all__ = ["drop", "grow", "select_top"]
 

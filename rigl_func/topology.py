@@ -233,13 +233,16 @@ def update_topology(
         config: the RigL config.
         aux: optional named trees (e.g. ``{"momentum": momentum_tree}``) whose
             per-layer entries reach custom criteria through ``extras``.
-        engine: ``"batched"`` (all unstructured layers in one flat segmented
-            selection, :mod:`rigl_func.batched_update`: a constant number of ops,
-            the fast path on GPUs), ``"per_layer"`` (a loop of :func:`update_layer`,
-            :func:`update_topology_per_layer`) or ``"auto"`` (default: batched on
-            every device but the CPU, where the per-layer loop measured faster on a
-            2-core machine; see ``benchmarks/RESULTS.md``). The engines give the same
-            result bit for bit; structured configs always run per layer.
+        engine: ``"batched"`` (all unstructured layers as padded rows, one
+            selection per size class, :mod:`rigl_func.batched_update`: a number of
+            ops that does not grow with the number of layers, the fast path on
+            GPUs; layers on several devices are processed per device),
+            ``"per_layer"`` (a loop of :func:`update_layer`,
+            :func:`update_topology_per_layer`) or ``"auto"`` (default: per device,
+            batched for layers on any device but the CPU, per-layer for those on the
+            CPU, where the loop measured faster on a 2-core machine; see
+            ``docs/performance.md``). The engines give the same result bit for bit;
+            structured configs always run per layer.
         debug: also run the value checks below on accelerators (each costs a host
             sync there). By default they run only where they are free: eager, on
             the CPU, outside ``torch.func`` transforms; never under ``torch.compile``.
@@ -275,10 +278,8 @@ def update_topology(
     """
     if engine not in ("auto", "batched", "per_layer"):
         raise ValueError(f"engine must be 'auto', 'batched' or 'per_layer', got engine={engine!r}")
-    if engine == "auto":
-        device = next(iter(state.masks.values())).device if state.masks else torch.device("cpu")
-        engine = "per_layer" if device.type == "cpu" else "batched"
-    return _update_topology(params, grads, state, config, aux, batched=engine == "batched", debug=debug)
+    batched = {"auto": "auto", "batched": True, "per_layer": False}[engine]
+    return _update_topology(params, grads, state, config, aux, batched=batched, debug=debug)
 
 
 def update_topology_per_layer(
@@ -349,14 +350,19 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool, debug:
     _check_values(state, config, growth, 4, debug)
     step_key = fold_in(state.key, state.step)
     new_params = dict(params)
-    if batched and config.structure == "unstructured" and names:
+    fast = ()
+    if batched and config.structure == "unstructured":  # "auto": the layers off the CPU
+        fast = tuple(n for n in names if batched is True or state.masks[n].device.type != "cpu")
+    new_masks = {}
+    if fast:
         layer_params, new_masks = update_layers_batched(
-            params, growth, state.masks, fraction, step_key, state.step,
-            tuple(ids[n] for n in names), tuple(max_n[n] for n in names), config, aux, state.ema)
+            params, growth, {n: state.masks[n] for n in fast}, fraction, step_key, state.step,
+            tuple(ids[n] for n in fast), tuple(max_n[n] for n in fast), config, aux, state.ema)
         new_params.update(layer_params)
-    else:
-        new_masks = {}
+    if len(fast) < len(names):
         for name, mask in state.masks.items():
+            if name in new_masks:
+                continue
             extras = layer_extras(name, fold_in(step_key, ids[name]), state.step, state.ema, aux)
             new_params[name], new_masks[name] = update_layer(
                 params[name], growth[name], mask, fraction, max_n=max_n[name],
@@ -364,6 +370,7 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool, debug:
                 extras=extras, grow_init=config.grow_init, grow_init_scale=config.grow_init_scale,
                 structure=config.structure, n_m=config.n_m, block=config.block,
             )
+    new_masks = {n: new_masks[n] for n in names}
     return new_params, state._replace(masks=new_masks, num_updates=state.num_updates + 1,
                                       grad_acc=_zeros_like_tree(state.grad_acc))
 
