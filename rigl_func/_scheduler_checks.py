@@ -61,10 +61,11 @@ def check_materialized(params: Mapping[str, Tensor]) -> None:
 
 
 def check_dense_names(dense, names) -> None:
-    """Raises ValueError when ``dense=`` names a weight that is not a Linear/Conv weight."""
+    """Raises ValueError when ``dense=`` names a weight that is not a parameter of the model
+    (``names``: every parameter name, tied aliases included)."""
     unknown = [n for n in dense if n not in names]
     if unknown:
-        raise ValueError(f"dense names weights that are not Linear/Conv weights of this model: {unknown} "
+        raise ValueError(f"dense names weights that are not parameters of this model: {unknown} "
                          f"(candidates: {list(names)[:8]}), got dense={tuple(dense)!r}")
 
 

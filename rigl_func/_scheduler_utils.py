@@ -14,6 +14,7 @@ through the pure core functions.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from typing import NamedTuple, Optional
@@ -21,7 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from rigl_func.config import _is_int, _is_real, _is_sparse_name
+from rigl_func.config import _is_int, _is_real
 from rigl_func.config import RigLConfig
 from rigl_func.distributions import DISTRIBUTIONS
 from rigl_func.schedules import in_accumulation_window
@@ -156,7 +157,7 @@ def _rename(message: str) -> str:
     return message
 
 
-def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
+def make_config(hp: Mapping, layers: Mapping[str, nn.Module], *, frozen: frozenset = frozenset()) -> RigLConfig:
     """Map checked rigl-torch arguments onto a :class:`RigLConfig`.
 
     ``sparsity = 1 - dense_allocation``; the first layer is dense under ``'uniform'``
@@ -168,6 +169,8 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
     Args:
         hp: output of :func:`check_hyperparams`.
         layers: sparsifiable parameter name -> owning module, in model order.
+        frozen: names of those whose weight has ``requires_grad=False`` (dense unless
+            ``include`` names them).
 
     Returns:
         The config; its ``dense`` field lists the dense layers.
@@ -184,7 +187,8 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
     dense = list(dict.fromkeys(dense + list(hp["dense"])))
     # With no sparse layer left the distribution is never evaluated; ER/ERK raise on an
     # empty layer set (core: erk({}) -> ValueError), uniform returns {}.
-    n_sparse = sum(_is_sparse_name(_Rules(hp["include"], hp["exclude"], tuple(dense)), n) for n in names)
+    n_sparse = sum(n not in dense and not any(re.search(p, n) for p in hp["exclude"])
+                   and (n not in frozen or any(re.search(p, n) for p in hp["include"])) for n in names)
     distribution = hp["sparsity_distribution"] if n_sparse else "uniform"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -201,12 +205,6 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module]) -> RigLConfig:
         for w in caught:
             warnings.warn(_rename(str(w.message)), w.category, stacklevel=3)
     return cfg
-
-
-class _Rules(NamedTuple):
-    include: tuple
-    exclude: tuple
-    dense: tuple
 
 
 def resolve_hyperparams(given: Mapping, saved: Mapping) -> dict:
@@ -387,10 +385,11 @@ def broadcast_masks(masks: Mapping[str, Tensor], src: int = 0) -> dict[str, Tens
 
 
 def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfig,
-                    step_device: torch.device) -> tuple[RigLState, int, int]:
+                    step_device: torch.device, *, sparse: Optional[list] = None) -> tuple[RigLState, int, int]:
     """Rebuild ``(state, step, rigl_steps)`` from a checkpoint: masks and accumulators on
     their params' devices, counters on ``step_device`` (as :func:`rigl_func.init_state`).
-    ``params``: the sparsifiable params (dense ones included), name -> tensor.
+    ``params``: the sparsifiable params (dense ones included), name -> tensor;
+    ``sparse``: the names the sparsity rule makes sparse (default: ``config.is_sparse_name``).
 
     Raises:
         ValueError: the checkpoint's layers, shapes or counters do not fit.
@@ -398,7 +397,7 @@ def state_from_dict(sd: Mapping, params: Mapping[str, Tensor], config: RigLConfi
     masks, grad_acc = sd["masks"], sd.get("grad_acc", {})
     if not isinstance(masks, Mapping) or not isinstance(grad_acc, Mapping):
         raise ValueError("state_dict['masks'] and state_dict['grad_acc'] must be dicts name -> tensor")
-    want = [n for n in params if config.is_sparse_name(n)]
+    want = [n for n in params if (n in sparse if sparse is not None else config.is_sparse_name(n))]
     if sorted(masks) != sorted(want):
         raise ValueError(f"state_dict has masks for layers {sorted(masks)} but this model's sparse layers "
                          f"are {sorted(want)}: the checkpoint is from a different model or configuration")

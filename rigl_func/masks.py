@@ -11,6 +11,7 @@ topology of RigL is random with an exact number of active entries per layer
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SPARSIFIABLE_MODULES",
     "sparse_param_names",
+    "sparse_candidates",
     "target_sparsities",
     "target_nnz",
     "init_masks",
@@ -43,55 +45,154 @@ SPARSIFIABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
 Params = Mapping[str, Tensor]
 
 
-def sparse_param_names(model_or_params: Union[nn.Module, Params], config: Optional[RigLConfig] = None) -> list[str]:
-    """Names of the parameters to sparsify, in ``named_parameters()`` order.
+def _aliases(module: nn.Module) -> dict[int, list[str]]:
+    """id(param) -> every name it has (``named_parameters(remove_duplicate=False)``
+    order; the first is the canonical name ``named_parameters()`` reports)."""
+    out: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
 
-    From a module: the ``weight`` of every ``Linear`` and ``Conv{1,2,3}d`` (and
-    transposed convs and subclasses); never biases, normalization layers or
-    embeddings -- also not a weight tied to an ``nn.Embedding`` (an LM head sharing
-    the embedding matrix stays dense, whatever the definition order). A layer whose
-    weight is parametrized (``torch.nn.utils.parametrize``, ``spectral_norm``,
-    ``weight_norm``) has no plain ``weight`` parameter: it stays dense, with a
-    ``UserWarning`` naming it. From a params dict (no module types available): every
-    floating-point tensor with at least 2 dims (integer/bool entries are skipped; the
-    dict should hold parameters only -- a 2-D float buffer cannot be told apart, and
-    LSTM, embedding and ``in_proj_weight`` tensors are sparse here: pass the module,
-    or ``config.exclude``, for the module rule). Then ``config.include`` /
-    ``config.exclude`` / ``config.dense`` filter the names.
+
+def _type_candidates(module: nn.Module) -> tuple[set[int], set[int], list[str]]:
+    """(ids of Linear/Conv weights, ids of embedding weights, names of parametrized layers)."""
+    typed, embedding, wrapped = set(), set(), []
+    for mod_name, sub in module.named_modules(remove_duplicate=False):
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
+            embedding.add(id(sub.weight))
+        elif isinstance(sub, SPARSIFIABLE_MODULES):
+            if isinstance(sub._parameters.get("weight"), Tensor):
+                typed.add(id(sub._parameters["weight"]))
+            elif isinstance(getattr(sub, "weight", None), Tensor):
+                wrapped.append(mod_name)
+    return typed, embedding, wrapped
+
+
+def _eligible(t: Any) -> bool:
+    """A tensor that can carry a mask: floating point with at least 2 dims."""
+    return isinstance(t, Tensor) and t.dim() >= 2 and t.is_floating_point()
+
+
+def _rigl_rules(config: Any) -> bool:
+    """Whether ``config`` uses the additive ``include`` of :class:`RigLConfig` (the one rule
+    below); other configs (``PruningConfig``) filter with ``config.is_sparse_name``."""
+    from rigl_func.config import RigLConfig
+
+    return isinstance(config, RigLConfig)
+
+
+def sparse_candidates(model_or_params: Union[nn.Module, Params], config: Optional[RigLConfig] = None) -> list[str]:
+    """The weights that *can* be sparse before ``exclude``/``dense`` remove any: the
+    rule's default set plus what ``config.include`` adds, in ``named_parameters()`` order.
+
+    For a module this also lists frozen (``requires_grad=False``) Linear/Conv weights,
+    which the rule keeps dense unless named (the ``RigLScheduler`` lists them in ``W`` as
+    rigl-torch does). Use :func:`sparse_param_names` for the sparse set itself.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+        >>> sparse_candidates(net)
+        ['1.weight']
+    """
+    names, _ = _rule(model_or_params, config, frozen_are_candidates=True)
+    return names
+
+
+def _rule(model_or_params, config, *, frozen_are_candidates: bool = False) -> tuple[list[str], dict[str, list[str]]]:
+    """(candidate names in order, canonical name -> aliases). See :func:`sparse_param_names`."""
+    include = tuple(getattr(config, "include", ())) if config is not None and _rigl_rules(config) else ()
+    if isinstance(model_or_params, nn.Module):
+        module = model_or_params
+        aliases_by_id = _aliases(module)
+        typed, embedding, wrapped = _type_candidates(module)
+        names, aliases = [], {}
+        for name, p in module.named_parameters():
+            alias = aliases_by_id.get(id(p), [name])
+            aliases[name] = alias
+            default = id(p) in typed and id(p) not in embedding and (p.requires_grad or frozen_are_candidates)
+            named = _eligible(p) and any(re.search(pat, a) for pat in include for a in alias)
+            if default or named:
+                names.append(name)
+        left = sorted({w for w in wrapped if not any(n.startswith(f"{w}.parametrizations.") for n in names)})
+        if left:
+            warnings.warn(f"layers {left} have a parametrized weight (parametrize, spectral_norm or weight_norm) "
+                          "and stay dense: remove the parametrization to sparsify them, or name the tensor "
+                          "the parametrization reads in include= (e.g. '<layer>.parametrizations.weight.original')",
+                          stacklevel=3)
+        return names, aliases
+    if isinstance(model_or_params, Mapping):
+        names = [n for n, t in model_or_params.items() if _eligible(t)]
+        return names, {n: [n] for n in model_or_params}
+    raise TypeError(f"model_or_params must be an nn.Module or a dict of tensors, got {type(model_or_params).__name__}")
+
+
+def sparse_param_names(model_or_params: Union[nn.Module, Params], config: Optional[RigLConfig] = None) -> list[str]:
+    """Names of the parameters to sparsify, in ``named_parameters()`` order: **the one
+    sparsity rule**, which :func:`rigl_func.init_state`, ``tx.init`` of
+    :func:`rigl_func.rigl` and :class:`rigl_func.RigLScheduler` all call (the table is
+    in ``docs/sharp_bits.md``).
+
+    Module rule (``model_or_params`` is an ``nn.Module``), by default:
+
+    * sparse: the ``weight`` of every ``nn.Linear`` and ``Conv{1,2,3}d`` (transposed
+      convs and subclasses included, e.g. ``MultiheadAttention.out_proj``);
+    * dense: biases, normalization layers, embeddings, ``MultiheadAttention``'s
+      ``in_proj_weight``, recurrent (LSTM/GRU) matrices, bare ``nn.Parameter`` tensors;
+    * tied weights are one tensor, reported once under the name
+      ``named_parameters()`` gives it (its first); a weight tied to an ``nn.Embedding``
+      (an LM head sharing the embedding matrix) stays dense, in either definition order;
+    * frozen weights (``requires_grad=False``) stay dense;
+    * a parametrized weight (``torch.nn.utils.parametrize``, ``spectral_norm``,
+      ``weight_norm``) has no plain ``weight`` parameter: it stays dense, with a
+      ``UserWarning`` naming the layer.
+
+    Then ``config.include`` (regexes, ``re.search``) *adds* every floating-point
+    parameter with at least 2 dims that one of its names matches (e.g.
+    ``r"in_proj_weight$"``, an embedding, a frozen weight, a parametrization's
+    ``original``); ``config.exclude`` (regexes) and ``config.dense`` (exact names)
+    remove weights. A tied weight is added or removed when any of its names is.
+
+    Dict rule (a ``dict[str, Tensor]``, no module types available): every
+    floating-point tensor with at least 2 dims, so ``in_proj_weight``, LSTM and
+    embedding tensors are sparse there, and ``include`` adds nothing; pass the module for
+    the module rule. Configs other than :class:`rigl_func.RigLConfig`
+    (``PruningConfig``) filter the default set with their ``is_sparse_name``.
 
     Args:
         model_or_params: an ``nn.Module`` or a ``dict[str, Tensor]``.
-        config: the RigL config (``None``: no name filtering).
+        config: the RigL config (``None``: the default set).
 
     Returns:
         list of parameter names.
+
+    Raises:
+        ValueError: an ``include`` pattern matches no parameter name, or
+            ``config.dense`` names a parameter that does not exist.
 
     Example:
         >>> from rigl_func import RigLConfig
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> sparse_param_names(net, RigLConfig(t_end=10, delta=5))
         ['0.weight', '2.weight']
+        >>> mha = nn.MultiheadAttention(8, 2)
+        >>> sparse_param_names(mha, RigLConfig(t_end=10, delta=5, include=("in_proj_weight",)))
+        ['in_proj_weight', 'out_proj.weight']
     """
-    if isinstance(model_or_params, nn.Module):
-        candidates, tied, wrapped = set(), set(), []
-        for mod_name, module in model_or_params.named_modules(remove_duplicate=False):
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                tied.add(id(module.weight))
-            elif isinstance(module, SPARSIFIABLE_MODULES):
-                if isinstance(module._parameters.get("weight"), Tensor):
-                    candidates.add(id(module._parameters["weight"]))
-                elif isinstance(getattr(module, "weight", None), Tensor):
-                    wrapped.append(mod_name)
-        if wrapped:
-            warnings.warn(f"layers {sorted(set(wrapped))} have a parametrized weight (parametrize, spectral_norm or "
-                          "weight_norm) and stay dense: remove the parametrization to sparsify them", stacklevel=2)
-        names = [n for n, p in model_or_params.named_parameters() if id(p) in candidates and id(p) not in tied]
-    elif isinstance(model_or_params, Mapping):
-        names = [n for n, t in model_or_params.items()
-                 if isinstance(t, Tensor) and t.dim() >= 2 and t.is_floating_point()]
-    else:
-        raise TypeError(f"model_or_params must be an nn.Module or a dict of tensors, got {type(model_or_params).__name__}")
-    return names if config is None else [n for n in names if config.is_sparse_name(n)]
+    names, aliases = _rule(model_or_params, config)
+    if config is None:
+        return names
+    if not _rigl_rules(config):
+        return [n for n in names if config.is_sparse_name(n)]
+    every = [a for alias in aliases.values() for a in alias]
+    for pattern in config.include:
+        if not any(re.search(pattern, a) for a in every):
+            raise ValueError(f"include pattern {pattern!r} matches no parameter name (names: {every[:8]}"
+                             f"{'...' if len(every) > 8 else ''}), got include={config.include!r}")
+    unknown = [n for n in config.dense if n not in every]
+    if unknown:
+        raise ValueError(f"config.dense names parameters that do not exist: {unknown} "
+                         f"(parameters: {every[:8]}...), got dense={config.dense!r}")
+    return [n for n in names if all(config.is_sparse_name(a) for a in aliases.get(n, [n]))]
 
 
 def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, float]:

@@ -61,17 +61,13 @@ from rigl_func import _scheduler_checks as C
 from rigl_func._scheduler_hooks import GradMaskHook, LoadHook, registered_to
 from rigl_func import _scheduler_utils as U
 from rigl_func.config import RigLConfig
-from rigl_func.masks import sparse_param_names, target_sparsities
+from rigl_func.masks import sparse_candidates, sparse_param_names, target_sparsities
 from rigl_func.optim import mask_torch_optimizer_state_, preserves_zeros, reset_torch_optimizer_state_
 from rigl_func.schedules import is_update_step
 from rigl_func.state import RigLState, check_state, init_state
 from rigl_func.topology import accumulate, update_topology
 
 __all__ = ["RigLScheduler"]
-
-# Lists every Linear/Conv weight: no include/exclude/dense rules.
-_ALL_LAYERS = RigLConfig(t_end=3, delta=2)
-
 
 def _hp_property(key: str, doc: str) -> property:
     return property(lambda self: self._hp[key], doc=doc)
@@ -82,8 +78,10 @@ class RigLScheduler:
 
     Args:
         model: the ``nn.Module`` (also wrapped in DDP / DataParallel / ``torch.compile``).
-            Sparse layers: the weights of ``nn.Linear`` and ``nn.Conv{1,2,3}d`` (and
-            subclasses, transposed convs); never biases, norms or embeddings.
+            Sparse layers: the one rule of :func:`rigl_func.sparse_param_names` (the
+            weights of ``nn.Linear`` and ``nn.Conv{1,2,3}d``; never biases, norms,
+            embeddings or frozen weights unless ``include=`` names them), then
+            ``ignore_linear_layers`` and the uniform first-layer rule.
         optimizer: a ``torch.optim`` optimizer holding the sparse weights.
         dense_allocation: fraction of weights kept, in (0, 1]; our ``sparsity`` is
             ``1 - dense_allocation``.
@@ -104,8 +102,8 @@ class RigLScheduler:
         grow: keyword-only; the grow criterion: ``"gradient"`` (RigL, default),
             ``"random"`` (SET) or ``"ema"`` (SNFS: EMA of dense gradients, momentum 0.9).
         include, exclude, dense: keyword-only; the :class:`RigLConfig` layer rules
-            (regexes / exact names of Linear/Conv weights), e.g. ``dense=("conv1.weight",)``
-            keeps a frozen layer dense.
+            (``include`` regexes add weights, e.g. ``in_proj_weight``; ``exclude`` regexes
+            and ``dense`` exact names remove them).
         grad_scaler: keyword-only; the ``torch.amp.GradScaler`` of the loop. On the
             iterations that feed an update ``pruner()`` unscales the gradients
             (``scaler.unscale_(optimizer)``), so the update sees true gradients and
@@ -160,17 +158,20 @@ class RigLScheduler:
 
         all_params = dict(module.named_parameters())
         modules = dict(module.named_modules())
-        self.layer_names = sparse_param_names(module, _ALL_LAYERS)
+        # W: what the rule can make sparse (Linear/Conv weights, frozen ones too, and what
+        # include= adds); the sparse set is the one rule's (rigl_func.sparse_param_names).
+        self.layer_names = sparse_candidates(module, RigLConfig(t_end=3, delta=2, include=self._hp["include"]))
         if not self.layer_names:
             raise C.no_layers_error(module)
-        C.check_dense_names(self._hp["dense"], self.layer_names)
+        C.check_dense_names(self._hp["dense"], [n for n, _ in module.named_parameters(remove_duplicate=False)])
         for name in self.layer_names:
             if registered_to(all_params[name]) is not None:
                 raise RuntimeError(f"model is already registered with a RigLScheduler (weight {name!r} has its "
                                    "hooks); call .remove() on the old scheduler before creating a new one")
         owners = {n: modules[n.rpartition(".")[0]] for n in self.layer_names}
-        self.config = U.make_config(self._hp, owners)
-        self._params = {n: all_params[n] for n in self.layer_names if self.config.is_sparse_name(n)}
+        frozen = frozenset(n for n in self.layer_names if not all_params[n].requires_grad)
+        self.config = U.make_config(self._hp, owners, frozen=frozen)
+        self._params = {n: all_params[n] for n in sparse_param_names(module, self.config)}
         C.check_materialized(self._params)
         C.check_trainable(self._params, optimizer)
         self.model, self.optimizer, self.seed, self._module = model, optimizer, seed, module
@@ -224,7 +225,7 @@ class RigLScheduler:
         if list(sd.get("layers", self.layer_names)) != self.layer_names:
             raise ValueError(f"state_dict was saved for layers {list(sd['layers'])} but this model has "
                              f"{self.layer_names}: the checkpoint is from a different model")
-        state, step, rigl_steps = U.state_from_dict(sd, params, self.config, step_device)
+        state, step, rigl_steps = U.state_from_dict(sd, params, self.config, step_device, sparse=list(self._params))
         self._install(state, step, rigl_steps, undo)
 
     def _install(self, state: RigLState, step: int, rigl_steps: int, undo: Optional[C.Undo] = None) -> None:

@@ -174,7 +174,10 @@ class RigLOptimizer:
         """Masks, masked params and the optimizer's state.
 
         Args:
-            model_or_params: an ``nn.Module`` or a ``dict[str, Tensor]`` of params.
+            model_or_params: an ``nn.Module`` (the module rule of
+                :func:`rigl_func.sparse_param_names` picks the sparse weights, as in
+                :func:`rigl_func.init_state`; tied weights appear once) or a
+                ``dict[str, Tensor]`` of params (the dict rule).
             seed, generator, masks: exactly one, as in :func:`rigl_func.init_state`.
 
         Returns:
@@ -184,7 +187,9 @@ class RigLOptimizer:
         """
         params = dict(model_or_params.named_parameters()) if isinstance(model_or_params, nn.Module) \
             else dict(model_or_params)
-        rigl_state = init_state(params, self.config, seed=seed, generator=generator, masks=masks)
+        # The module itself, not its params dict: the module rule picks the sparse weights
+        # (rigl_func.sparse_param_names), exactly as init_state(model) and RigLScheduler do.
+        rigl_state = init_state(model_or_params, self.config, seed=seed, generator=generator, masks=masks)
         masked = apply_masks({k: v.detach() for k, v in params.items()}, rigl_state.masks)
         params = {k: v.clone(memory_format=torch.contiguous_format) for k, v in masked.items()}
         rigl_state = rigl_state._replace(masks={k: m.clone() for k, m in rigl_state.masks.items()})

@@ -116,11 +116,7 @@ def init_state(
         params = dict(model_or_params.named_parameters())
     else:
         params = dict(model_or_params)
-    unknown = [n for n in config.dense if n not in params]
-    if unknown:
-        raise ValueError(f"config.dense names parameters that do not exist: {unknown} "
-                         f"(parameters: {list(params)[:8]}...), got dense={config.dense!r}")
-    names = sparse_param_names(model_or_params, config)
+    names = sparse_param_names(model_or_params, config)  # the one rule (docs/sharp_bits.md)
     for name in names:
         if params[name].numel() == 0:
             raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)} and no entries: an empty "

@@ -160,5 +160,7 @@ def test_is_sparse_name():
     assert not cfg.is_sparse_name("fc2.weight")  # dense
     assert not cfg.is_sparse_name("conv3.weight")  # excluded
     assert not cfg.is_sparse_name("conv1.bias")  # excluded
-    assert not cfg.is_sparse_name("head.weight")  # not included
+    # include adds names (issue 18), it does not filter: head.weight is left to the rule
+    assert cfg.is_sparse_name("head.weight") and not cfg.is_included("head.weight")
+    assert cfg.is_included("fc1.weight")
     assert _make().is_sparse_name("anything.weight")

@@ -266,8 +266,13 @@ def test_layer_rules_in_the_shell_keep_a_frozen_conv_dense():
     model[0].weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     kw = dict(dense_allocation=0.3, T_end=20, delta=5, sparsity_distribution="erk", ignore_linear_layers=False)
-    with pytest.raises(ValueError, match="dense="):
-        RigLScheduler(model, opt, **kw)
+    # the one sparsity rule (issue 18): a frozen weight stays dense unless named; named, the
+    # shell cannot train it sparse and says so
+    p0 = RigLScheduler(model, opt, **kw)
+    assert list(p0.state.masks) == ["2.weight", "4.weight"]
+    p0.remove()
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        RigLScheduler(model, opt, **kw, include=("^0\\.weight$",))
     pruner = RigLScheduler(model, opt, **kw, dense=("0.weight",))
     assert list(pruner.state.masks) == ["2.weight", "4.weight"]
     sd = _roundtrip(pruner.state_dict())

@@ -417,8 +417,11 @@ def test_bad_model_and_optimizer():
     with pytest.raises(ValueError, match="'2.weight' is not in the optimizer"):
         RigLScheduler(model, torch.optim.SGD(model[0].parameters(), lr=0.1), 0.2, 30, delta=4, ignore_linear_layers=False)
     model[2].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="'2.weight' has requires_grad=False"):
-        RigLScheduler(model, opt, 0.2, 30, delta=4, ignore_linear_layers=False)
+    with pytest.raises(ValueError, match="'2.weight' has requires_grad=False"):  # named: cannot be trained sparse
+        RigLScheduler(model, opt, 0.2, 30, delta=4, ignore_linear_layers=False, include=(r"^2\.weight$",))
+    p = RigLScheduler(model, opt, 0.2, 30, delta=4, ignore_linear_layers=False)  # unnamed: the rule keeps it dense
+    assert "2.weight" not in p.state.masks
+    p.remove()
     RigLScheduler(model, opt, 0.2, 30, delta=4, ignore_linear_layers=True)  # frozen but dense: fine
 
 

@@ -67,7 +67,8 @@ def test_sparse_param_names_from_dict():
 @pytest.mark.parametrize(
     "kw, expected",
     [
-        (dict(include=(r"^conv",)), ["conv1.weight", "conv2.weight", "conv3.weight"]),
+        # include adds to the module rule (issue 18): the embedding and the bare parameter
+        (dict(include=(r"^emb\.", r"^scale$")), ["scale", "emb.weight"] + ZOO_SPARSE),
         (dict(exclude=(r"^head",)), ["conv1.weight", "conv2.weight", "conv3.weight", "deconv.weight"]),
         (dict(dense=("head.2.weight", "conv1.weight")), ["conv2.weight", "conv3.weight", "deconv.weight", "head.0.weight"]),
         (dict(include=(r"conv", r"head"), exclude=(r"conv[12]",), dense=("head.0.weight",)),
