@@ -26,6 +26,7 @@ sparse_speedup`` (docs/sparse_kernels.md has the numbers).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -57,6 +58,16 @@ def gather_blocks(weight: Tensor, layout: BlockLayout) -> Tensor:
     return weight.view(o // r, r, i // c, c)[layout.rows, :, layout.cols, :]
 
 
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor at some functorch level."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
+
+
 def scatter_blocks(vb: Tensor, layout: BlockLayout) -> Tensor:
     """Dense ``[out, in]``: the blocks ``vb [nnzb, r, c]`` at their places, zeros elsewhere.
 
@@ -68,6 +79,9 @@ def scatter_blocks(vb: Tensor, layout: BlockLayout) -> Tensor:
         [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
     """
     (o, i), (r, c) = layout.shape, layout.block
+    if torch.compiler.is_compiling() or _batched(vb):  # vmap: out of place (one more copy)
+        grid = vb.new_zeros(o // r, i // c, r, c).index_put((layout.rows, layout.cols), vb)
+        return grid.permute(0, 2, 1, 3).reshape(o, i)
     out = vb.new_zeros(o // r, r, i // c, c)
     out[layout.rows, :, layout.cols, :] = vb
     return out.view(o, i)
@@ -113,9 +127,11 @@ def _gather_sddmm(g: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
 # bsr (torch.sparse) as custom ops ---------------------------------------------------------
 
 def _compressed(crow: Tensor, cols: Tensor, vb: Tensor, size: tuple[int, int]) -> Tensor:
-    if vb.shape[1] == vb.shape[2] == 1:
-        return torch.sparse_csr_tensor(crow, cols, vb.reshape(-1), size, check_invariants=False)
-    return torch.sparse_bsr_tensor(crow, cols, vb, size, check_invariants=False)
+    with warnings.catch_warnings():  # "Sparse BSR/CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        if vb.shape[1] == vb.shape[2] == 1:
+            return torch.sparse_csr_tensor(crow, cols, vb.reshape(-1), size, check_invariants=False)
+        return torch.sparse_bsr_tensor(crow, cols, vb, size, check_invariants=False)
 
 
 def _bsr_mm_impl(x: Tensor, vb: Tensor, crow: Tensor, cols: Tensor, out_features: int) -> Tensor:
@@ -207,7 +223,7 @@ def choose_kernel(layout: BlockLayout, device: torch.device | str, dtype: torch.
     """The fastest kernel for this device, block shape, density and dtype, as measured by
     ``python -m benchmarks --only sparse_speedup`` (docs/sparse_kernels.md):
 
-    * CPU, fp32, blocks of at least 16x16 and density <= 0.25: ``"bsr"`` (MKL);
+    * CPU, fp32, square blocks of at least 16x16 and density <= 0.25: ``"bsr"`` (MKL);
       otherwise (unstructured, small blocks, denser, bf16/fp16: torch's CPU BSR has no
       fast reduced-precision path) ``"dense"``;
     * CUDA, blocks of at least 16x16 and density <= 0.25, Triton installed: ``"triton"``;
@@ -224,7 +240,7 @@ def choose_kernel(layout: BlockLayout, device: torch.device | str, dtype: torch.
     r, c = layout.block
     blocky = r >= 16 and c >= 16 and layout.density <= 0.25
     if device.type == "cpu":
-        return "bsr" if blocky and dtype == torch.float32 else "dense"
+        return "bsr" if blocky and r == c and dtype == torch.float32 else "dense"
     if device.type == "cuda":
         return "triton" if blocky and _triton_ok() else "dense"
     return "dense"

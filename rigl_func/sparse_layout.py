@@ -101,7 +101,8 @@ def block_layout(mask: Tensor, block: tuple[int, int] = (32, 32), *, kernel: str
 
     Raises:
         ValueError: not a 2-D bool mask, shape not divisible by ``block``, a partial
-            block (the mask is not a union of whole blocks), or an unknown ``kernel``.
+            block (the mask is not a union of whole blocks), an unknown ``kernel``, or
+            ``kernel="bsr"`` with non-square blocks.
 
     Example:
         >>> m = torch.zeros(4, 6, dtype=torch.bool); m[:2, 2:4] = True
@@ -112,6 +113,8 @@ def block_layout(mask: Tensor, block: tuple[int, int] = (32, 32), *, kernel: str
     r, c = _check_block(mask, block, name)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel=!r}")
+    if kernel == "bsr" and r != c:
+        raise ValueError(f"kernel='bsr' (MKL on the CPU) needs square blocks, got block={tuple(block)}")
     o, i = mask.shape
     grid = mask.reshape(o // r, r, i // c, c)
     active = grid.any(dim=(1, 3))

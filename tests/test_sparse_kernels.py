@@ -1,0 +1,259 @@
+"""Sparse kernels (rigl_func.sparse_layout / sparse_kernels / sparse_linear / triton_block_sparse)
+against the dense masked computation.
+
+Stated tolerances (``assert_close`` with ``atol = TOL * max|reference|``, ``rtol = TOL``):
+fp32 ``TOL = 1e-4`` (summation order differs from the dense matmul), bf16 ``TOL = 2e-2``
+(a few bf16 ulps; the reference is the fp32 computation on the same bf16 inputs, rounded
+to bf16). Gradients included: input, weight at plain steps (active blocks, exactly zero
+elsewhere) and weight at update steps (dense).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import rigl_func as rf
+from rigl_func.sparse_kernels import choose_kernel, gather_blocks, scatter_blocks
+from rigl_func.sparse_layout import block_layout, block_layouts, layout_mask, with_dense_grad
+from rigl_func.sparse_linear import SparseLinear, set_layouts_, sparse_linear, sparse_modules
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+KERNELS = ["dense", "gather", "bsr"] + (["triton"] if torch.cuda.is_available() else [])
+
+
+def _block_mask(out: int, inp: int, block: tuple[int, int], density: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.rand(out // block[0], inp // block[1], generator=g) < density
+    grid[0, 0] = True  # never empty
+    return grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    scale = expected.float().abs().max().clamp_min(1.0)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * float(scale))
+
+
+def _case(kernel: str, device: str, dtype: torch.dtype, block: tuple[int, int], seed: int = 0):
+    if kernel == "triton" and (device != "cuda" or min(block) < 16):
+        pytest.skip("triton: CUDA and blocks >= 16 (the CPU interpreter test is test_triton_interpreter)")
+    if kernel == "bsr" and block[0] != block[1]:
+        pytest.skip("bsr: square blocks only (MKL; block_layout raises, tested in test_bad_inputs)")
+    out, inp = 4 * block[0], 3 * block[1]
+    mask = _block_mask(out, inp, block, 0.4, seed).to(device)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (torch.randn(out, inp, generator=g) * 0.5).to(device, dtype) * mask
+    x = torch.randn(2, 5, inp, generator=g).to(device, dtype)
+    b = torch.randn(out, generator=g).to(device, dtype)
+    return mask, w, x, b, block_layout(mask, block, kernel=kernel)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (1, 1)], ids=["b16x16", "b32x16", "unstructured"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_forward_and_gradients_equal_dense_masked(kernel, block, dtype, device):
+    mask, w, x, b, lay = _case(kernel, device, dtype, block)
+    w0, x0 = w.clone(), x.clone()
+
+    def ref(w, x, b):  # the dense masked computation, in fp32 on the same inputs
+        return F.linear(x.float(), (w * mask).float(), b.float())
+
+    def loss(fn):
+        return lambda w, x, b: (fn(w, x, b).float() * torch.linspace(-1, 1, w.shape[0], device=device)).sum()
+
+    _close(sparse_linear(x, w, lay, b), ref(w, x, b).to(dtype), dtype)
+    gw, gx, gb = grad(loss(lambda w, x, b: sparse_linear(x, w, lay, b)), argnums=(0, 1, 2))(w, x, b)
+    rw, rx, rb = grad(loss(ref), argnums=(0, 1, 2))(w, x, b)
+    _close(gx, rx.to(dtype), dtype)
+    _close(gb, rb.to(dtype), dtype)
+    _close(gw, rw.to(dtype), dtype)
+    assert torch.all(gw[~mask] == 0), "plain-step weight gradient must be exactly zero outside the blocks"
+    # update step: the dense weight gradient, that of x W^T at every entry
+    gwd = grad(loss(lambda w, x, b: sparse_linear(x, w, lay._replace(dense_grad=True), b)))(w, x, b)
+    rwd = grad(loss(lambda w, x, b: F.linear(x.float(), w.float(), b.float())))(w, x, b)
+    _close(gwd, rwd.to(dtype), dtype)
+    assert gwd[~mask].abs().sum() > 0
+    assert torch.equal(w, w0) and torch.equal(x, x0), "inputs must not be mutated"
+
+
+def test_only_active_blocks_are_read():
+    mask, w, x, b, lay = _case("gather", "cpu", torch.float32, (16, 16))
+    noisy = w + (~mask) * 1e3  # garbage outside the layout
+    for k in ("dense", "gather", "bsr"):
+        torch.testing.assert_close(sparse_linear(x, noisy, lay._replace(kernel=k)), sparse_linear(x, w, lay))
+
+
+def test_layout_indices_golden():
+    m = torch.zeros(4, 6, dtype=torch.bool)
+    m[0:2, 4:6] = m[2:4, 0:2] = m[2:4, 4:6] = True
+    lay = block_layout(m, (2, 2), kernel="dense")
+    assert lay.rows.tolist() == [0, 1, 1] and lay.cols.tolist() == [2, 0, 2]
+    assert lay.crow.tolist() == [0, 1, 3] and lay.t_ccol.tolist() == [0, 1, 1, 3]
+    assert lay.t_perm.tolist() == [1, 0, 2]  # column-major: (1,0), (0,2), (1,2)
+    assert lay.nnzb == 3 and lay.density == pytest.approx(0.5)
+    assert torch.equal(layout_mask(lay), m)
+    w = torch.arange(24.0).view(4, 6)
+    assert torch.equal(scatter_blocks(gather_blocks(w, lay), lay), w * m)
+
+
+@pytest.mark.parametrize("call, err, text", [
+    (lambda: block_layout(torch.ones(4, 6, dtype=torch.bool), (4, 4)), ValueError, "not divisible"),
+    (lambda: block_layout(torch.eye(4, dtype=torch.bool), (2, 2)), ValueError, "union of whole 2x2 blocks"),
+    (lambda: block_layout(torch.ones(4, 4), (2, 2)), ValueError, "2-D bool"),
+    (lambda: block_layout(torch.ones(4, 4, dtype=torch.bool), (0, 2)), ValueError, "block"),
+    (lambda: block_layout(torch.ones(4, 4, dtype=torch.bool), (2, 2), kernel="cusparse"), ValueError, "kernel"),
+    (lambda: block_layout(torch.ones(4, 4, dtype=torch.bool), (4, 2), kernel="bsr"), ValueError, "square"),
+    (lambda: sparse_linear(torch.ones(1, 4), torch.ones(4, 4), "layout"), TypeError, "BlockLayout"),
+    (lambda: sparse_linear(torch.ones(1, 4), torch.ones(4, 8),
+                           block_layout(torch.ones(4, 4, dtype=torch.bool), (2, 2))), ValueError, "layout.shape"),
+    (lambda: sparse_linear(torch.ones(1, 3), torch.ones(4, 4),
+                           block_layout(torch.ones(4, 4, dtype=torch.bool), (2, 2))), ValueError, "features"),
+])
+def test_bad_inputs(call, err, text):
+    with pytest.raises(err, match=text):
+        call()
+
+
+def test_vmap_equals_loop():
+    mask, w, x, b, lay = _case("gather", "cpu", torch.float32, (16, 16))
+    ws = torch.stack([w, 2 * w, -w])
+    xs = torch.stack([x, x + 1, x * 0.5])
+
+    def loss(w, x):
+        return sparse_linear(x, w, lay, b).pow(2).sum()
+
+    batched = vmap(grad(loss, argnums=(0, 1)))(ws, xs)
+    looped = [grad(loss, argnums=(0, 1))(ws[k], xs[k]) for k in range(3)]
+    for i in range(2):
+        torch.testing.assert_close(batched[i], torch.stack([g[i] for g in looped]))
+
+
+@pytest.mark.parametrize("kernel", ["gather", "bsr"])
+def test_compile_equals_eager_and_no_recompile_after_topology_update(kernel):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    mask, w, x, b, lay = _case(kernel, "cpu", torch.float32, (16, 16))
+    # the same nnzb elsewhere: a topology update (RigL keeps each layer's count)
+    mask2 = torch.roll(mask, shifts=16, dims=1)
+    lay2 = block_layout(mask2, (16, 16), kernel=kernel)
+    w2 = w.roll(16, 1)
+
+    def loss(w, x, lay):
+        return sparse_linear(x, w, lay, b).pow(2).sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(grad(loss, argnums=(0, 1)), backend=counter, fullgraph=True)
+    for ww, ll in ((w, lay), (w2, lay2), (w, lay._replace(dense_grad=False))):
+        got, want = compiled(ww, x, ll), grad(loss, argnums=(0, 1))(ww, x, ll)
+        for g1, g2 in zip(got, want):
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-4)
+    assert counter.frame_count == 1, f"recompiled after a topology update: {counter.frame_count} frames"
+
+
+def test_one_loop_with_tx_equals_dense_masked_training():
+    """The documented loop (layouts once per update, dense_grad from tx.is_update_step)
+    trains exactly like the dense masked loop: same masks after two topology updates,
+    params equal to fp32 tolerance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    cfg = rf.RigLConfig(sparsity=0.75, distribution="uniform", structure="block", block=(16, 16),
+                        delta=3, t_end=8, alpha=0.5)
+    tx = rf.rigl(cfg, rf.adamw(1e-2))
+    x, y = torch.randn(48, 32), torch.randn(48, 16)
+
+    def dense_loss(p):
+        return F.mse_loss(functional_call(model, p, (x,)), y)
+
+    def sparse_loss(p, lays):
+        h = F.gelu(sparse_linear(x, p["0.weight"], lays["0.weight"], p["0.bias"]))
+        return F.mse_loss(sparse_linear(h, p["2.weight"], lays["2.weight"], p["2.bias"]), y)
+
+    pd, sd = tx.init(model, seed=3)
+    ps, ss = tx.init(model, seed=3)
+    layouts = block_layouts(ss.rigl.masks, (16, 16), kernel="gather")
+    for _ in range(8):
+        update = tx.is_update_step(ss)
+        gs = grad(sparse_loss)(ps, with_dense_grad(layouts, update))
+        ps, ss = tx.step(ps, gs, ss)
+        if update:
+            layouts = block_layouts(ss.rigl.masks, (16, 16), kernel="gather")
+        pd, sd = tx.step(pd, grad(dense_loss)(pd), sd)
+    assert int(ss.rigl.num_updates) == 2
+    for k in sd.rigl.masks:
+        assert torch.equal(ss.rigl.masks[k], sd.rigl.masks[k]), k
+    for k in pd:
+        torch.testing.assert_close(ps[k], pd[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_sparse_modules_with_functional_call(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).to(device)
+    tx = rf.rigl(rf.RigLConfig(sparsity=0.8, distribution="uniform", structure="block", block=(16, 16), t_end=1000),
+                 rf.sgd(0.1))
+    params, state = tx.init(model, seed=0)
+    smodel = sparse_modules(model, block_layouts(state.rigl.masks, (16, 16)))
+    assert isinstance(smodel[0], SparseLinear) and isinstance(model[0], nn.Linear)  # model untouched
+    assert [n for n, _ in smodel.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x = torch.randn(8, 32, device=device)
+    torch.testing.assert_close(functional_call(smodel, params, (x,)), functional_call(model, params, (x,)),
+                               rtol=1e-4, atol=1e-5)
+    set_layouts_(smodel, with_dense_grad(block_layouts(state.rigl.masks, (16, 16)), True))
+    assert smodel[2].layout.dense_grad
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        sparse_modules(model, {"1.weight": smodel[0].layout})
+
+
+def test_choose_kernel_table():
+    lay = block_layout(_block_mask(128, 128, (32, 32), 0.1, 0), (32, 32), kernel="dense")
+    dense_lay = block_layout(torch.ones(64, 64, dtype=torch.bool), (32, 32), kernel="dense")
+    unstructured = block_layout(_block_mask(64, 64, (1, 1), 0.1, 0), (1, 1), kernel="dense")
+    assert choose_kernel(lay, "cpu") == "bsr"
+    assert choose_kernel(lay, "cpu", torch.bfloat16) == "dense"
+    assert choose_kernel(dense_lay, "cpu") == "dense"
+    assert choose_kernel(unstructured, "cpu") == "dense"
+    assert choose_kernel(lay, "meta") == "dense"
+    assert choose_kernel(lay, "cuda") in ("triton", "dense")
+
+
+_INTERPRETER_CHECK = r"""
+import torch
+from torch.func import grad
+from rigl_func.sparse_layout import block_layout
+from rigl_func.sparse_linear import sparse_linear
+torch.manual_seed(0)
+grid = torch.rand(4, 3) < 0.5
+grid[0, 0] = True
+mask = grid.repeat_interleave(16, 0).repeat_interleave(32, 1)          # [64, 96], blocks 16x32
+for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2)):      # the interpreter's bf16 dot is broken
+    w = (torch.randn(64, 96) * mask).to(dtype); x = torch.randn(70, 96).to(dtype)  # 70: a partial token tile
+    tri, ref = (block_layout(mask, (16, 32), kernel=k) for k in ("triton", "dense"))
+    loss = lambda w, x, lay: (sparse_linear(x, w, lay).float() * torch.linspace(-1, 1, 64)).sum()
+    pairs = [(sparse_linear(x, w, tri), sparse_linear(x, w, ref))]
+    pairs += list(zip(grad(loss, argnums=(0, 1))(w, x, tri), grad(loss, argnums=(0, 1))(w, x, ref)))
+    for a, b in pairs:
+        s = float(b.float().abs().max())
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * s)
+print("triton interpreter ok")
+"""
+
+
+def test_triton_interpreter():
+    pytest.importorskip("triton", reason="triton not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0 and "triton interpreter ok" in res.stdout, res.stderr[-3000:]
