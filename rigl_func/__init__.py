@@ -49,6 +49,8 @@ from rigl_func.schedules import (
 from rigl_func.selection import drop, grow
 from rigl_func.snip import snip_grads, snip_init, snip_masks, snip_scores
 from rigl_func.sparse_optimizer import RigLOptimizer, RigLOptimizerState, rigl
+from rigl_func.sparse_layout import BlockLayout, block_layout, block_layouts, with_dense_grad
+from rigl_func.sparse_linear import SparseLinear, set_layouts_, sparse_linear, sparse_modules
 from rigl_func.state import RigLState, check_state, init_state, stack_states, unstack_states
 from rigl_func.topology import accumulate, update_layer, update_topology
 
@@ -137,4 +139,12 @@ __all__ = [
     "rigl",
     "criterion",
     "MissingExtrasError",
+    "BlockLayout",
+    "block_layout",
+    "block_layouts",
+    "with_dense_grad",
+    "sparse_linear",
+    "SparseLinear",
+    "sparse_modules",
+    "set_layouts_",
 ]

@@ -155,7 +155,9 @@ def _block_sddmm_impl(g: Tensor, x: Tensor, rows: Tensor, cols: Tensor, r: int, 
     out = g.new_empty(rows.shape[0], r, c)
     if r == c == 1:  # unstructured: dense product, then the entries
         return (g.t() @ x)[rows, cols].view(-1, 1, 1)
-    gt, xt = g.t(), x.t()
+    # feature-major [features, M] slabs: each block's operands are contiguous rows
+    # (a transposed copy when not already so: cheaper than strided mm operands, measured)
+    gt, xt = g.t().contiguous(), x.t().contiguous()
     for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist())):
         torch.mm(gt[i * r:(i + 1) * r], xt[j * c:(j + 1) * c].t(), out=out[k])
     return out
