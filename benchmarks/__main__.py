@@ -1,6 +1,6 @@
 """Command line of the rigl_func benchmarks.
 
-    python -m benchmarks --threads 1 --write-results   # full run, rewrites benchmarks/RESULTS.md (+ plots),
+    python -m benchmarks --write-results   # full run (1 thread), rewrites benchmarks/RESULTS.md (+ plots),
                                                        # keeping its "(hand-written" sections
     python -m benchmarks                 # full run, report to a temp file (RESULTS.md untouched)
     python -m benchmarks --smoke         # seconds; CI; writes a temp file, never RESULTS.md
@@ -10,6 +10,10 @@ Benchmarks (``--only``): topology (update_topology vs a topk floor), rigl_torch 
 update step vs rigl-torch 0.5.2), train_step (training-step overhead vs dense), vmap
 (vmapped ensembles vs a loop), memory (bytes per sparse weight). rigl-torch and
 torchvision are optional: without them the affected rows say ``skipped: <reason>``.
+
+Threads: ``--threads`` (default 1, set before anything runs; 0 keeps torch's default,
+i.e. ``OMP_NUM_THREADS`` or one per core). The console and the report header give the
+torch version, device and threads of the run.
 
 Timings are never asserted on: a slow or busy machine gives slow numbers, not a
 failure.
@@ -90,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-compile-cache", action="store_true",
                    help="use the persistent inductor cache (warm compiles); default: a fresh cache per run")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler tables")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads, set before anything runs (default 1: steady on a busy machine, "
+                        "and what RESULTS.md uses; 0: torch's default, i.e. OMP_NUM_THREADS or one per core)")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="wall (default) or process: CPU time of this process (CPU only; with --threads 1 it "
                         "ignores time spent waiting for a core on a busy machine)")
@@ -118,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "process" and args.device != "cpu":
         _parser().error("--clock process measures CPU time: use it with --device cpu")
     common.clock[0] = args.clock
-    if args.threads is not None:
+    if args.threads < 0:
+        _parser().error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.threads:
         torch.set_num_threads(args.threads)
     cache = None
     if not args.keep_compile_cache:
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
         os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache.name, "triton"))
 
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s) "
+          f"(--threads; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", flush=True)
     if args.device == "cpu" and not torch.cuda.is_available():
         print("note: CUDA is not available; all numbers are CPU numbers", flush=True)
     ctx = common.Context(
