@@ -55,6 +55,26 @@ T_END = 25_000
 #: The target of this benchmark: update_topology within this factor of the floor.
 TARGET_RATIO = 2.0
 
+# A cost model of one update on an H100, from the op trace (labelled "modeled"): every
+# launching op streams its inputs and outputs once at the effective bandwidth measured
+# with torch._foreach_mul_ (shared/h100-figures.md: 2.2 TB/s, range 1.1-2.9); topk costs
+# what the measured flat topk over 25.5M entries did (0.78 ms, 30.6 ps per input entry,
+# several radix passes); eager launches cost 12 us of host time each (the measured
+# 12-22 us range), CUDA-graph replays 2.5 us. Eager wall = max(host, device); graph
+# wall = device + replays.
+H100_BANDWIDTH = 2.2e12
+H100_TOPK_S_PER_ENTRY = 0.78e-3 / 25.5e6
+H100_LAUNCH_S = 12e-6
+H100_REPLAY_S = 2.5e-6
+
+
+def modeled_h100_ms(ops) -> tuple[float, float]:
+    """``(eager_ms, graph_ms)`` of one call whose ops ``ops`` (a
+    :class:`rigl_func.dispatch.OpCounts`) recorded, on an H100 (modeled)."""
+    topk_bytes = ops.bytes_by_op.get("topk", 0)
+    device = (ops.bytes_moved - topk_bytes) / H100_BANDWIDTH + ops.topk_entries * H100_TOPK_S_PER_ENTRY
+    return 1e3 * max(device, ops.launches * H100_LAUNCH_S), 1e3 * (device + ops.launches * H100_REPLAY_S)
+
 
 @dataclass(frozen=True)
 class Case:
@@ -127,6 +147,8 @@ class CaseResult:
     compiled_matches: Optional[bool]
     load: Optional[float] = None  # 1-minute load average after timing (other processes' CPU use)
     launches: Optional[dict] = None  # kernel-launching ATen ops of one update, per engine
+    bytes_per_weight: Optional[dict] = None  # bytes read + written per sparse weight, per engine
+    modeled: Optional[dict] = None  # engine -> (eager ms, graph ms) on an H100, modeled
 
     def ms(self, variant: str) -> Optional[float]:
         timing = self.timings.get(variant)
@@ -162,11 +184,15 @@ def _run_case(ctx: Context, case: Case, dense_params: dict, grads: dict, compile
         "batched": lambda: rigl_func.update_topology(params, grads, state, cfg, engine="batched"),
         "per_layer": lambda: rigl_func.update_topology(params, grads, state, cfg, engine="per_layer"),
     }
-    launches = {}
+    launches, per_weight, modeled = {}, {}, {}
+    numel = sum(m.numel() for m in state.masks.values())
     for variant in ("batched", "per_layer"):
         with count_ops() as ops:
             fns[variant]()
         launches[variant] = ops.launches
+        per_weight[variant] = ops.bytes_moved / numel
+        ops.topk_entries = _topk_entries(fns[variant])
+        modeled[variant] = modeled_h100_ms(ops)
     reference, _ = timed_call(fns["eager"], ctx.device)
     replaced = sum(int((state.masks[k] & ~reference[1].masks[k]).sum()) for k in state.masks)
 
@@ -191,8 +217,27 @@ def _run_case(ctx: Context, case: Case, dense_params: dict, grads: dict, compile
         nnz=sum(int(m.sum()) for m in state.masks.values()),
         floor_k=sum(ks.values()), topk_size=topk_size, replaced=replaced, compiled_matches=matches,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, launches=launches,
+        bytes_per_weight=per_weight, modeled=modeled,
     )
     return result, fns
+
+
+def _topk_entries(fn: Callable[[], Any]) -> int:
+    """Input entries of every ``topk`` that ``fn`` dispatches (one call on ``meta``-free
+    inputs; counted with a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Topk(TorchDispatchMode):
+        entries = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "topk":
+                _Topk.entries += args[0].numel()
+            return func(*args, **(kwargs or {}))
+
+    with _Topk():
+        fn()
+    return _Topk.entries
 
 
 def _topk_share(profile: dict) -> float:
@@ -264,10 +309,14 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
         del fns
 
     header = ["config", "eager (auto) ms", "batched ms", "per-layer ms", "compiled ms", "floor ms", "eager/floor",
-              "launches batched / per-layer"]
+              "launches batched / per-layer", "B per weight batched / per-layer",
+              "H100 modeled ms, batched eager / graph", "H100 modeled ms, per-layer eager"]
     rows = [[r.case.label, fmt_ms(r.ms("eager")), fmt_ms(r.ms("batched")), fmt_ms(r.ms("per_layer")),
              fmt_ms(r.ms("compiled")), fmt_ms(r.ms("floor")), fmt_ratio(r.ms("eager"), r.ms("floor")),
-             f"{r.launches['batched']} / {r.launches['per_layer']}"] for r in results]
+             f"{r.launches['batched']} / {r.launches['per_layer']}",
+             f"{r.bytes_per_weight['batched']:.0f} / {r.bytes_per_weight['per_layer']:.0f}",
+             f"{r.modeled['batched'][0]:.1f} / {r.modeled['batched'][1]:.1f}",
+             f"{r.modeled['per_layer'][0]:.1f}"] for r in results]
     detail_header = ["config", "f", "nnz", "changed", "floor k", "topk size", "eager ms", "compiled ms",
                      "floor ms", "compile s", "compiled == eager", "load"]
     detail_rows = [
@@ -284,7 +333,12 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
         f"Model: {model_name}, {len(shapes)} sparse layers, {results[0].numel:,} weights; random weights and "
         f"gradients; masks from `init_state(params, cfg, seed=0)`; `RigLConfig(t_end={T_END}, delta={DELTA}, "
         f"alpha=0.3, schedule='cosine')`, `state.step = {DELTA}`. Device: {ctx.device}. Median of "
-        f"{ctx.repeats} interleaved runs after {ctx.warmup} warm-up run(s); compile time excluded.",
+        f"{ctx.repeats} interleaved runs after {ctx.warmup} warm-up run(s); compile time excluded. "
+        "Bytes: read + written by the launching ops of one call (`rigl_func.dispatch.count_ops`), per sparse "
+        "weight. H100 columns are **modeled** from that op trace, not measured: "
+        f"{H100_BANDWIDTH / 1e12:.1f} TB/s effective bandwidth, topk at the measured "
+        f"{H100_TOPK_S_PER_ENTRY * 1e12:.1f} ps per input entry, {H100_LAUNCH_S * 1e6:.0f} us host time per "
+        f"eager launch, {H100_REPLAY_S * 1e6:.1f} us per CUDA-graph replay (shared/h100-figures.md).",
         "",
         markdown_table(header, rows),
         "",

@@ -31,6 +31,7 @@ params, per device), in group order.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Callable, NamedTuple, Optional
@@ -62,8 +63,58 @@ class Chunk(NamedTuple):
     k: int
 
 
+#: Padding (in entries) worth one more group of rows in :func:`plan_chunks`: a group costs
+#: ~60 launches (0.15-0.6 ms on a GPU), a padded entry ~200 B of traffic (~0.1 ns).
+GROUP_COST_ENTRIES = 2**21
+_DP_LIMIT = 512
+
+
+def _groups(sizes: list) -> list:
+    """Partition layer indices (one kind) into groups of padded rows: distinct sizes in
+    ascending order are cut into runs minimizing ``GROUP_COST_ENTRIES * groups +
+    padding`` (dynamic programming; size octaves beyond ``_DP_LIMIT`` distinct sizes)."""
+    distinct = sorted(set(sizes))
+    if len(distinct) > _DP_LIMIT:
+        by_octave: dict = {}
+        for i, n in enumerate(sizes):
+            by_octave.setdefault(max(n, 1).bit_length(), []).append(i)
+        return [by_octave[b] for b in sorted(by_octave)]
+    count = {n: 0 for n in distinct}
+    for n in sizes:
+        count[n] += 1
+    d = len(distinct)
+    cum_c, cum_s = [0] * (d + 1), [0] * (d + 1)
+    for j, n in enumerate(distinct):
+        cum_c[j + 1] = cum_c[j] + count[n]
+        cum_s[j + 1] = cum_s[j] + count[n] * n
+    best, cut = [0] + [None] * d, [0] * (d + 1)
+    for j in range(1, d + 1):  # best[j]: the first j distinct sizes
+        width = distinct[j - 1]
+        for i in range(j):
+            cost = best[i] + GROUP_COST_ENTRIES + width * (cum_c[j] - cum_c[i]) - (cum_s[j] - cum_s[i])
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], d
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    slot = {}
+    for g, (i, j) in enumerate(reversed(bounds)):
+        for n in distinct[i:j]:
+            slot[n] = g
+    out: list = [[] for _ in bounds]
+    for i, n in enumerate(sizes):
+        out[slot[n]].append(i)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
 def plan_chunks(sizes: tuple, caps: tuple, kinds: tuple, chunk: int = 0) -> tuple[Chunk, ...]:
-    """Group layers into chunks of padded rows. Pure Python (static shapes).
+    """Group layers into chunks of padded rows. Pure Python on static shapes (cached).
+
+    Layers of one kind (device and dtype) are grouped by size (:func:`_groups`: few
+    groups, little padding); a group is cut into chunks of at most ``chunk`` padded
+    entries.
 
     Args:
         sizes: numel per layer. caps: static ``topk`` size per layer (``<= numel``).
@@ -73,35 +124,38 @@ def plan_chunks(sizes: tuple, caps: tuple, kinds: tuple, chunk: int = 0) -> tupl
             else ``max(total // 16, 2**20)``).
 
     Returns:
-        Chunks in a deterministic order (by kind, then size octave, then layer index).
+        Chunks in a deterministic order (by kind, then size, then layer index).
 
     Example:
         >>> plan_chunks((6, 5, 100, 7), (1, 1, 9, 2), ("a",) * 4)
-        (Chunk(layers=(0, 1, 3), width=7, k=2), Chunk(layers=(2,), width=100, k=9))
+        (Chunk(layers=(0, 1, 2, 3), width=100, k=9),)
+        >>> [c.layers for c in plan_chunks((6, 5, 10**7, 7), (1, 1, 9, 2), ("a",) * 4)]
+        [(0, 1, 3), (2,)]
     """
     total = sum(sizes)
     if chunk == 0:
         chunk = 2**62 if total <= AUTO_CHUNK_FREE else max(total // _AUTO_CHUNK_PARTS, 2**20)
-    groups: dict = {}
-    for i, (n, kind) in enumerate(zip(sizes, kinds)):
-        groups.setdefault((kind, max(n, 1).bit_length()), []).append(i)
+    by_kind: dict = {}
+    for i, kind in enumerate(kinds):
+        by_kind.setdefault(kind, []).append(i)
     out = []
-    for key in groups:  # insertion order: deterministic
-        rows = groups[key]
-        width = max(sizes[i] for i in rows)
-        per_chunk = max(1, chunk // width)
-        for start in range(0, len(rows), per_chunk):
-            part = tuple(rows[start:start + per_chunk])
-            out.append(Chunk(part, width, min(width, max(caps[i] for i in part))))
+    for members in by_kind.values():  # insertion order: deterministic
+        for group in _groups([sizes[i] for i in members]):
+            rows = [members[i] for i in group]
+            width = max(sizes[i] for i in rows)
+            per_chunk = max(1, chunk // width)
+            for start in range(0, len(rows), per_chunk):
+                part = tuple(rows[start:start + per_chunk])
+                out.append(Chunk(part, width, min(width, max(caps[i] for i in part))))
     return tuple(out)
 
 
-def _constants(device: torch.device, plan: tuple, ids: tuple, caps: tuple) -> tuple[Tensor, Tensor]:
-    """int64 ``[L]`` caps and layer ids on ``device``, in plan order (cached per layout);
-    chunk ``c``'s rows are a slice of them."""
+def _constants(device: torch.device, plan: tuple, ids: tuple, caps: tuple, sizes: tuple) -> tuple[Tensor, ...]:
+    """int64 ``[L]`` caps, layer ids and sizes on ``device``, in plan order (cached per
+    layout); chunk ``c``'s rows are a slice of them."""
     def build():
         order = [i for c in plan for i in c.layers]
-        values = [caps[i] for i in order] + [ids[i] for i in order]
+        values = [caps[i] for i in order] + [ids[i] for i in order] + [sizes[i] for i in order]
         if torch.compiler.is_compiling():
             # Scalar fills, not torch.tensor(list): a lifted tensor constant inside a
             # torch.cond branch breaks inductor's codegen in torch 2.13 (the one-call step).
@@ -110,11 +164,12 @@ def _constants(device: torch.device, plan: tuple, ids: tuple, caps: tuple) -> tu
                 flat[i] = v
         else:
             flat = torch.tensor(values, dtype=torch.int64, device=device)
-        return flat[:len(order)], flat[len(order):]
+        n = len(order)
+        return flat[:n], flat[n:2 * n], flat[2 * n:]
 
     if torch.compiler.is_compiling():
         return build()
-    key = (str(device), plan, ids, caps)
+    key = (str(device), plan, ids, caps, sizes)
     found = _CACHE.get(key)
     if found is None:
         if len(_CACHE) >= _CACHE_LIMIT:
@@ -201,7 +256,8 @@ def _grow_values(scores: Tensor, can_grow: Tensor, nonneg: bool) -> tuple[Tensor
 
 
 def _update_chunk(chunk: Chunk, params, growth, masks, ema, names: tuple, extras: list, row_keys: Optional[Tensor],
-                  caps_t: Tensor, fraction: Tensor, drop_fn, grow_fn, config) -> tuple[Tensor, Tensor, Tensor]:
+                  caps_t: Tensor, sizes_t: Tensor, fraction: Tensor, drop_fn, grow_fn,
+                  config) -> tuple[Tensor, Tensor, Tensor]:
     """New mask rows, new param rows and old mask rows of one chunk."""
     rows_names = [names[i] for i in chunk.layers]
     width = chunk.width
@@ -218,6 +274,10 @@ def _update_chunk(chunk: Chunk, params, growth, masks, ema, names: tuple, extras
         return cache["g"]
 
     grow_scores = _score_rows(grow_fn, rows, growth_rows, math.nan)
+    if grow_fn in (C.random, C.magnitude) and any(masks[n].numel() < width for n in rows_names):
+        # these scores are finite in the padding: make it never growable (NaN)
+        valid = torch.arange(width, device=sizes_t.device) < sizes_t.unsqueeze(-1)
+        grow_scores = grow_scores.masked_fill(valid.logical_not_(), math.nan)
     if grow_fn in _NONNEG and grow_scores.dtype == torch.float32:
         finite = grow_scores < math.inf  # >= 0 or NaN: one compare
     else:
@@ -308,7 +368,7 @@ def update_layers_batched(
     custom = drop_fn not in _NONNEG or grow_fn not in _NONNEG or config.grow_init == "normal"
     for device in dict.fromkeys(devices):  # one set of flat buffers per device
         dev_plan = tuple(c for c in plan if devices[c.layers[0]] == device)
-        caps_all, ids_all = _constants(device, dev_plan, tuple(layer_ids), caps)
+        caps_all, ids_all, sizes_all = _constants(device, dev_plan, tuple(layer_ids), caps, sizes)
         dev_step = step.to(device) if step.device != device else step
         dev_fraction = fraction.to(device) if fraction.device != device else fraction
         keys_all = None
@@ -318,7 +378,7 @@ def update_layers_batched(
         chunk_keys, chunk_caps, at = [], [], 0
         for c in dev_plan:
             r = len(c.layers)
-            chunk_caps.append(caps_all[at:at + r])
+            chunk_caps.append((caps_all[at:at + r], sizes_all[at:at + r]))
             chunk_keys.append(None if keys_all is None else keys_all[at:at + r])
             if custom:
                 for j, i in enumerate(c.layers):
@@ -344,11 +404,11 @@ def _update_device(plan, chunk_caps, chunk_keys, params, growth, masks, ema, nam
                  if chunked else None)
     mask_parts, param_parts = [], {}
     at, dt_at = 0, dict.fromkeys(dtype_total, 0)
-    for c, caps_t, row_keys in zip(plan, chunk_caps, chunk_keys):
+    for c, (caps_t, sizes_t), row_keys in zip(plan, chunk_caps, chunk_keys):
         c_sizes = [sizes[i] for i in c.layers]
         span = sum(c_sizes)
         new_mask, new_param, old_mask = _update_chunk(c, params, growth, masks, ema, names, extras, row_keys, caps_t,
-                                                      fraction, drop_fn, grow_fn, config)
+                                                      sizes_t, fraction, drop_fn, grow_fn, config)
         dt = new_param.dtype
         if chunked:
             flat_mask = _unpad(new_mask, c_sizes, mask_out[at:at + span])
