@@ -9,7 +9,9 @@ sparsity), masks from ``rigl_func.rigl(RigLConfig(structure=...))``. Configs: 90
   (zeros at inactive entries), i.e. what a RigL run does without sparse kernels;
 * **sparse (<kernel>)**: the same block with ``rigl_func.sparse_linear`` and the layouts
   of the masks, for the ``"auto"`` kernel (the library's choice) and each candidate
-  kernel (``bsr``, ``gather``; ``triton`` on CUDA) forced.
+  forced: ``blocks`` (the library's CPU kernel), ``triton`` (CUDA), and two that lost and
+  live only here: ``bsr`` (torch.sparse BSR/CSR matmuls, MKL on the CPU) and ``gather``
+  (pure PyTorch: gather, ``einsum``, ``index_add``).
 
 Two measurements per variant: **forward** (``no_grad``) and **training step**: forward,
 ``torch.func.grad`` w.r.t. the params *and* the input (both gradients of each layer),
@@ -31,12 +33,82 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
+import warnings
+
 import rigl_func as rf
-from rigl_func.sparse_layout import block_layouts, with_dense_grad
+from rigl_func.sparse_kernels import KERNEL_TABLE, Kernel, register_kernel
+from rigl_func.sparse_layout import BlockLayout, block_layouts, with_dense_grad
 from rigl_func.sparse_linear import sparse_linear
 from benchmarks.common import Context, Section, fmt_ms, markdown_table, time_interleaved
 
-__all__ = ["NAME", "TITLE", "run", "mlp_block"]
+__all__ = ["NAME", "TITLE", "run", "mlp_block", "COMPARED"]
+
+Tensor = torch.Tensor
+
+
+# Kernels compared against the library's (they lost, so they live here) ------------------
+
+def _gather_mm(x: Tensor, vb: Tensor, layout: BlockLayout) -> Tensor:
+    """Pure PyTorch, static shapes: gather the inputs of each block, einsum, index_add."""
+    (o, i), (r, c) = layout.shape, layout.block
+    part = torch.einsum("mkc,krc->mkr", x.reshape(-1, i // c, c).index_select(1, layout.cols), vb)
+    return x.new_zeros(x.shape[0], o // r, r).index_add(1, layout.rows, part).view(-1, o)
+
+
+def _gather_mm_t(g: Tensor, vb: Tensor, layout: BlockLayout) -> Tensor:
+    (o, i), (r, c) = layout.shape, layout.block
+    part = torch.einsum("mkr,krc->mkc", g.reshape(-1, o // r, r).index_select(1, layout.rows), vb)
+    return g.new_zeros(g.shape[0], i // c, c).index_add(1, layout.cols, part).view(-1, i)
+
+
+def _gather_sddmm(g: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
+    (o, i), (r, c) = layout.shape, layout.block
+    return torch.einsum("mkr,mkc->krc", g.reshape(-1, o // r, r).index_select(1, layout.rows),
+                        x.reshape(-1, i // c, c).index_select(1, layout.cols))
+
+
+def _bsr_mm_impl(x: Tensor, vb: Tensor, crow: Tensor, cols: Tensor, out_features: int) -> Tensor:
+    """torch.sparse BSR (CSR for 1x1 blocks; MKL on the CPU, square blocks only)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return _bsr_mm_impl(x.float(), vb.float(), crow, cols, out_features).to(x.dtype)
+    with warnings.catch_warnings():  # "Sparse BSR/CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        size = (out_features, x.shape[1])
+        w = (torch.sparse_csr_tensor(crow, cols, vb.reshape(-1), size, check_invariants=False)
+             if vb.shape[1] == vb.shape[2] == 1 else
+             torch.sparse_bsr_tensor(crow, cols, vb, size, check_invariants=False))
+    return (w @ x.t()).t()
+
+
+_bsr_op = torch.library.custom_op("rigl_func_bench::bsr_mm", _bsr_mm_impl, mutates_args=())
+_bsr_op.register_fake(lambda x, vb, crow, cols, out_features: x.new_empty(out_features, x.shape[0]).t())
+
+
+def _bsr_mm(x: Tensor, vb: Tensor, layout: BlockLayout) -> Tensor:
+    return _bsr_op(x.detach(), vb.detach(), layout.crow, layout.cols, layout.shape[0])
+
+
+def _bsr_mm_t(g: Tensor, vb: Tensor, layout: BlockLayout) -> Tensor:
+    vbt = vb.detach().index_select(0, layout.t_perm).transpose(1, 2).contiguous()
+    return _bsr_op(g.detach(), vbt, layout.t_ccol, layout.rows.index_select(0, layout.t_perm), layout.shape[1])
+
+
+def _unstructured_sddmm(g: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
+    """1x1 blocks: the dense product, then the entries (no faster CPU path was found)."""
+    return (g.t() @ x)[layout.rows, layout.cols].view(-1, 1, 1)
+
+
+def _bsr_sddmm(g: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
+    if layout.block == (1, 1):
+        return _unstructured_sddmm(g, x, layout)
+    return KERNEL_TABLE["blocks"].sddmm(g, x, layout)  # the per-block mm loop
+
+
+#: Kernels this benchmark compares with the library's (registered on import).
+COMPARED = {"bsr": Kernel(_bsr_mm, _bsr_mm_t, _bsr_sddmm), "gather": Kernel(_gather_mm, _gather_mm_t, _gather_sddmm)}
+for _name, _kernel in COMPARED.items():
+    if _name not in KERNEL_TABLE:
+        register_kernel(_name, _kernel)
 
 NAME = "sparse_speedup"
 TITLE = "Sparse kernels vs dense: GPT MLP block"
@@ -94,7 +166,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
     d, tokens = (128, 128) if ctx.smoke else (1024, 2048)
     dtypes = [torch.float32] if dev == "cpu" else [torch.bfloat16, torch.float32]
     configs = [(0.95, (32, 32)), (0.9, (32, 32)), (0.95, (1, 1)), (0.9, (1, 1))]
-    candidates = ["bsr", "gather"] + (["triton"] if dev == "cuda" else [])
+    candidates = (["blocks"] if dev == "cpu" else ["triton"]) + ["bsr", "gather"]
     rows, data, lines = [], {}, []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
@@ -108,8 +180,8 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
             fns = {f"dense {k}": f for k, f in _variants(model, tx, params, state, x, None).items()}
             variants = {"auto": auto}
             for name in candidates:
-                if name == "gather" and block == (1, 1) and not ctx.smoke:
-                    continue  # [T, nnz] gathers: gigabytes at full size
+                if block == (1, 1) and (name in ("blocks", "triton") or (name == "gather" and not ctx.smoke)):
+                    continue  # one matmul per weight / [T, nnz] gathers (gigabytes at full size)
                 variants[name] = block_layouts(masks, block, kernel=name, dtype=dtype)
             for vname, lays in variants.items():
                 for k, f in _variants(model, tx, params, state, x, lays).items():

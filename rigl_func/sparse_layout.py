@@ -25,8 +25,6 @@ from torch import Tensor
 
 __all__ = ["BlockLayout", "block_layout", "block_layouts", "with_dense_grad", "layout_mask"]
 
-KERNELS = ("auto", "dense", "gather", "bsr", "triton")
-
 
 class BlockLayout(NamedTuple):
     """Indices of the active blocks of one ``[out, in]`` weight.
@@ -39,7 +37,7 @@ class BlockLayout(NamedTuple):
         t_ccol: int64 ``[in/c + 1]`` CSC column pointers into ``t_perm``.
         shape: ``(out, in)``.
         block: ``(r, c)`` block shape.
-        kernel: the kernel used (``"dense"``, ``"gather"``, ``"bsr"``, ``"triton"``), chosen
+        kernel: the kernel used (``"blocks"``, ``"triton"``, ``"dense"``, ...), chosen
             at build time by :func:`rigl_func.sparse_kernels.choose_kernel` for ``"auto"``.
         dense_grad: whether :func:`rigl_func.sparse_linear` returns the dense weight
             gradient ``g^T x`` (RigL update steps) instead of its active blocks only.
@@ -89,8 +87,8 @@ def block_layout(mask: Tensor, block: tuple[int, int] = (32, 32), *, kernel: str
         mask: bool ``[out, in]``, a union of whole ``block`` blocks.
         block: ``(r, c)``; ``(1, 1)`` for an unstructured mask.
         kernel: ``"auto"`` (per device, shape, density and ``dtype``:
-            :func:`rigl_func.sparse_kernels.choose_kernel`) or one of ``"dense"``,
-            ``"gather"``, ``"bsr"``, ``"triton"``.
+            :func:`rigl_func.sparse_kernels.choose_kernel`) or one of ``"blocks"`` (CPU),
+            ``"triton"`` (CUDA), ``"dense"``, or a registered one.
         dense_grad: see :class:`BlockLayout`.
         dtype: the compute dtype ``"auto"`` chooses for.
         name: used in error messages.
@@ -101,20 +99,19 @@ def block_layout(mask: Tensor, block: tuple[int, int] = (32, 32), *, kernel: str
 
     Raises:
         ValueError: not a 2-D bool mask, shape not divisible by ``block``, a partial
-            block (the mask is not a union of whole blocks), an unknown ``kernel``, or
-            ``kernel="bsr"`` with non-square blocks.
+            block (the mask is not a union of whole blocks), or an unknown ``kernel``.
 
     Example:
         >>> m = torch.zeros(4, 6, dtype=torch.bool); m[:2, 2:4] = True
-        >>> lay = block_layout(m, (2, 2), kernel="gather")
+        >>> lay = block_layout(m, (2, 2), kernel="blocks")
         >>> lay.rows.tolist(), lay.cols.tolist(), lay.nnzb
         ([0], [1], 1)
     """
     r, c = _check_block(mask, block, name)
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel=!r}")
-    if kernel == "bsr" and r != c:
-        raise ValueError(f"kernel='bsr' (MKL on the CPU) needs square blocks, got block={tuple(block)}")
+    from rigl_func.sparse_kernels import choose_kernel, kernel_names  # noqa: PLC0415 (they import this module)
+
+    if kernel != "auto" and kernel not in kernel_names():
+        raise ValueError(f"kernel must be 'auto' or one of {kernel_names()}, got {kernel=!r}")
     o, i = mask.shape
     grid = mask.reshape(o // r, r, i // c, c)
     active = grid.any(dim=(1, 3))
@@ -130,8 +127,6 @@ def block_layout(mask: Tensor, block: tuple[int, int] = (32, 32), *, kernel: str
                          t_perm=t_perm, t_ccol=torch.cat([zero, t_counts.cumsum(0)]),
                          shape=(o, i), block=(r, c), kernel=kernel, dense_grad=bool(dense_grad))
     if kernel == "auto":
-        from rigl_func.sparse_kernels import choose_kernel  # noqa: PLC0415 (kernels import this module)
-
         layout = layout._replace(kernel=choose_kernel(layout, mask.device, dtype))
     return layout
 

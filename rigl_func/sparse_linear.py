@@ -45,7 +45,7 @@ def _rebuild(tensors: tuple[Tensor, ...], meta: tuple) -> BlockLayout:
 
 
 class _SparseLinearFn(torch.autograd.Function):
-    generate_vmap_rule = True  # exact for the pure-PyTorch kernels ("dense", "gather")
+    generate_vmap_rule = True  # for the pure-PyTorch kernel ("dense"); custom ops have no vmap rule
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, rows, cols, crow, t_perm, t_ccol, meta: tuple) -> Tensor:
@@ -106,7 +106,7 @@ def sparse_linear(x: Tensor, weight: Tensor, layout: BlockLayout, bias: Optional
         >>> from rigl_func.sparse_layout import block_layout
         >>> m = torch.zeros(4, 4, dtype=torch.bool); m[:2, :2] = True
         >>> w, x = torch.randn(4, 4) * m, torch.randn(3, 4)
-        >>> y = sparse_linear(x, w, block_layout(m, (2, 2), kernel="gather"))
+        >>> y = sparse_linear(x, w, block_layout(m, (2, 2), kernel="blocks"))
         >>> torch.allclose(y, x @ w.t(), atol=1e-6)
         True
     """

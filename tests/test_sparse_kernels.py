@@ -29,7 +29,7 @@ from rigl_func.sparse_linear import SparseLinear, set_layouts_, sparse_linear, s
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-KERNELS = ["dense", "gather", "bsr"] + (["triton"] if torch.cuda.is_available() else [])
+KERNELS = ["dense", "blocks"] + (["triton"] if torch.cuda.is_available() else [])
 
 
 def _block_mask(out: int, inp: int, block: tuple[int, int], density: float, seed: int) -> torch.Tensor:
@@ -48,8 +48,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 def _case(kernel: str, device: str, dtype: torch.dtype, block: tuple[int, int], seed: int = 0):
     if kernel == "triton" and (device != "cuda" or min(block) < 16):
         pytest.skip("triton: CUDA and blocks >= 16 (the CPU interpreter test is test_triton_interpreter)")
-    if kernel == "bsr" and block[0] != block[1]:
-        pytest.skip("bsr: square blocks only (MKL; block_layout raises, tested in test_bad_inputs)")
+    if kernel == "blocks" and device != "cpu":
+        pytest.skip("blocks: the CPU kernel")
     out, inp = 4 * block[0], 3 * block[1]
     mask = _block_mask(out, inp, block, 0.4, seed).to(device)
     g = torch.Generator().manual_seed(seed + 1)
@@ -57,6 +57,23 @@ def _case(kernel: str, device: str, dtype: torch.dtype, block: tuple[int, int], 
     x = torch.randn(2, 5, inp, generator=g).to(device, dtype)
     b = torch.randn(out, generator=g).to(device, dtype)
     return mask, w, x, b, block_layout(mask, block, kernel=kernel)
+
+
+def test_benchmark_comparison_kernels_equal_dense():
+    """The kernels the benchmark compares against (torch BSR/CSR, gather) compute the same."""
+    import benchmarks.sparse_speedup  # noqa: F401  (registers "bsr" and "gather")
+
+    for kernel, block in (("bsr", (16, 16)), ("bsr", (1, 1)), ("gather", (32, 16)), ("gather", (1, 1))):
+        test_forward_and_gradients_equal_dense_masked(kernel, block, torch.float32, "cpu")
+
+
+def test_register_kernel_rejects_taken_names():
+    from rigl_func.sparse_kernels import KERNEL_TABLE, register_kernel
+
+    with pytest.raises(ValueError, match="reserved or taken"):
+        register_kernel("dense", KERNEL_TABLE["dense"])
+    with pytest.raises(ValueError, match="Kernel"):
+        register_kernel("mine", (1, 2, 3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -89,9 +106,9 @@ def test_forward_and_gradients_equal_dense_masked(kernel, block, dtype, device):
 
 
 def test_only_active_blocks_are_read():
-    mask, w, x, b, lay = _case("gather", "cpu", torch.float32, (16, 16))
+    mask, w, x, b, lay = _case("blocks", "cpu", torch.float32, (16, 16))
     noisy = w + (~mask) * 1e3  # garbage outside the layout
-    for k in ("dense", "gather", "bsr"):
+    for k in ("dense", "blocks"):
         torch.testing.assert_close(sparse_linear(x, noisy, lay._replace(kernel=k)), sparse_linear(x, w, lay))
 
 
@@ -114,7 +131,6 @@ def test_layout_indices_golden():
     (lambda: block_layout(torch.ones(4, 4), (2, 2)), ValueError, "2-D bool"),
     (lambda: block_layout(torch.ones(4, 4, dtype=torch.bool), (0, 2)), ValueError, "block"),
     (lambda: block_layout(torch.ones(4, 4, dtype=torch.bool), (2, 2), kernel="cusparse"), ValueError, "kernel"),
-    (lambda: block_layout(torch.ones(4, 4, dtype=torch.bool), (4, 2), kernel="bsr"), ValueError, "square"),
     (lambda: sparse_linear(torch.ones(1, 4), torch.ones(4, 4), "layout"), TypeError, "BlockLayout"),
     (lambda: sparse_linear(torch.ones(1, 4), torch.ones(4, 8),
                            block_layout(torch.ones(4, 4, dtype=torch.bool), (2, 2))), ValueError, "layout.shape"),
@@ -127,7 +143,7 @@ def test_bad_inputs(call, err, text):
 
 
 def test_vmap_equals_loop():
-    mask, w, x, b, lay = _case("gather", "cpu", torch.float32, (16, 16))
+    mask, w, x, b, lay = _case("dense", "cpu", torch.float32, (16, 16))
     ws = torch.stack([w, 2 * w, -w])
     xs = torch.stack([x, x + 1, x * 0.5])
 
@@ -140,7 +156,7 @@ def test_vmap_equals_loop():
         torch.testing.assert_close(batched[i], torch.stack([g[i] for g in looped]))
 
 
-@pytest.mark.parametrize("kernel", ["gather", "bsr"])
+@pytest.mark.parametrize("kernel", ["dense", "blocks"])
 def test_compile_equals_eager_and_no_recompile_after_topology_update(kernel):
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -183,13 +199,13 @@ def test_one_loop_with_tx_equals_dense_masked_training():
 
     pd, sd = tx.init(model, seed=3)
     ps, ss = tx.init(model, seed=3)
-    layouts = block_layouts(ss.rigl.masks, (16, 16), kernel="gather")
+    layouts = block_layouts(ss.rigl.masks, (16, 16), kernel="blocks")
     for _ in range(8):
         update = tx.is_update_step(ss)
         gs = grad(sparse_loss)(ps, with_dense_grad(layouts, update))
         ps, ss = tx.step(ps, gs, ss)
         if update:
-            layouts = block_layouts(ss.rigl.masks, (16, 16), kernel="gather")
+            layouts = block_layouts(ss.rigl.masks, (16, 16), kernel="blocks")
         pd, sd = tx.step(pd, grad(dense_loss)(pd), sd)
     assert int(ss.rigl.num_updates) == 2
     for k in sd.rigl.masks:
@@ -221,7 +237,7 @@ def test_choose_kernel_table():
     lay = block_layout(_block_mask(128, 128, (32, 32), 0.1, 0), (32, 32), kernel="dense")
     dense_lay = block_layout(torch.ones(64, 64, dtype=torch.bool), (32, 32), kernel="dense")
     unstructured = block_layout(_block_mask(64, 64, (1, 1), 0.1, 0), (1, 1), kernel="dense")
-    assert choose_kernel(lay, "cpu") == "bsr"
+    assert choose_kernel(lay, "cpu") == "blocks"
     assert choose_kernel(lay, "cpu", torch.bfloat16) == "dense"
     assert choose_kernel(dense_lay, "cpu") == "dense"
     assert choose_kernel(unstructured, "cpu") == "dense"
@@ -257,3 +273,28 @@ def test_triton_interpreter():
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert res.returncode == 0 and "triton interpreter ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_blocks_kernel_thread_split_is_bitwise_equal_to_one_thread():
+    """The CPU kernel splits the blocks over threads; every block runs one single-threaded
+    matmul either way, so the split changes nothing, bit for bit (and restores the threads)."""
+    mask = _block_mask(128, 192, (16, 16), 0.5, 0)  # ~48 blocks: 3 threads get work
+    lay = block_layout(mask, (16, 16), kernel="blocks")
+    assert lay.nnzb >= 24
+    w, x, b = torch.randn(128, 192) * mask, torch.randn(300, 192), torch.randn(128)
+    before = torch.get_num_threads()
+
+    def run():
+        return [t.clone() for t in (sparse_linear(x, w, lay, b),
+                                    *grad(lambda w, x: sparse_linear(x, w, lay).pow(2).sum(), argnums=(0, 1))(w, x))]
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        three = run()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    for a, c in zip(one, three):
+        assert torch.equal(a, c)
