@@ -148,6 +148,13 @@ class RigLConfig:
             exceed it), so an update's temporaries stay a fraction of the model; the
             result does not depend on it. ``0`` (default): automatic (no chunking up
             to 2**25 weights, then one sixteenth of the sparse weights per chunk).
+        fused_splits: fused projections as separate layers, ``{regex: k}`` (or a tuple
+            of ``(regex, k)`` pairs; stored as the tuple): a sparse parameter whose name
+            matches (``re.search``, first pattern wins) counts as ``k`` layers of row
+            blocks ``[d0 / k, *rest]`` for the distribution, the exact counts, the
+            initial masks and every update (each block keeps its own count), while it
+            stays one tensor. E.g. ``{r"in_proj_weight$": 3, r"c_attn\\.weight$": 3}``
+            for Q/K/V (:mod:`rigl_func.fused`).
 
     Raises:
         ValueError: a field has an invalid value; the message names it.
@@ -184,6 +191,7 @@ class RigLConfig:
     n_m: tuple[int, int] = (2, 4)
     block: tuple[int, int] = (4, 4)
     update_chunk: int = 0
+    fused_splits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         _LIVE_CONFIGS[id(self)] = self  # see config_by_id
@@ -281,12 +289,29 @@ class RigLConfig:
         if not (self.block[0] >= 1 and self.block[1] >= 1):
             raise ValueError(f"block=(rows, cols) must be positive, got block={self.block!r}")
         _check_layer_rules(self)
+        self._check_fused_splits()
         if self.delta >= self.t_end and self.method != "static":
             warnings.warn(
                 f"delta={self.delta} >= t_end={self.t_end}: no topology update will ever "
                 "happen (the masks stay static)",
                 stacklevel=4,
             )
+
+    def _check_fused_splits(self) -> None:
+        value = self.fused_splits
+        pairs = tuple(value.items()) if isinstance(value, dict) else value
+        if not isinstance(pairs, tuple) or not all(
+                isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and _is_int(p[1]) for p in pairs):
+            raise TypeError(f"fused_splits must be a dict {{regex: k}} or a tuple of (regex, k) pairs, "
+                            f"got fused_splits={value!r}")
+        for pattern, k in pairs:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"fused_splits has an invalid regex {pattern!r}: {err}") from None
+            if k < 1:
+                raise ValueError(f"fused_splits[{pattern!r}] must be an int >= 1, got {k!r}")
+        object.__setattr__(self, "fused_splits", tuple((p, int(k)) for p, k in pairs))
 
     def is_sparse_name(self, name: str) -> bool:
         """Whether ``exclude``/``dense`` leave ``name`` sparse (if the sparsity rule,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl_func.distributions import get_distribution, nnz_for
+from rigl_func.fused import fused_plan, slice_name, split_shapes
 from rigl_func.structured import structured_nnz
 
 if TYPE_CHECKING:
@@ -200,7 +201,9 @@ def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str
 
     With ``structure="n:m"`` every layer gets ``1 - N/M`` (the distribution does not
     apply); with ``structure="block"`` these are the distribution's sparsities before
-    :func:`target_nnz` rounds them to whole blocks.
+    :func:`target_nnz` rounds them to whole blocks. A layer split by
+    ``config.fused_splits`` gets the mean of its ``k`` blocks' sparsities (the
+    distribution sees the blocks as layers).
 
     Args:
         shapes: name -> shape of the sparse layers only.
@@ -214,6 +217,11 @@ def target_sparsities(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str
     """
     fn = get_distribution(config.distribution)
     shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+    plan = fused_plan(shapes, config)
+    if plan:  # fused layers: the distribution sees their blocks; a fused layer's is their mean
+        parts = target_sparsities(split_shapes(shapes, config), config)
+        return {k: sum(parts[slice_name(k, i, plan[k])] for i in range(plan[k])) / plan[k] if k in plan else parts[k]
+                for k in shapes}
     if config.structure == "n:m":
         return {k: 1.0 - config.n_m[0] / config.n_m[1] for k in shapes}
     if config.distribution == "erk":
@@ -225,7 +233,8 @@ def target_nnz(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, int]:
     """Exact number of active entries per sparse layer (see :func:`nnz_for`).
 
     Structured configs: ``numel * N / M`` for N:M; ``nnz_for(n_blocks, s) * rows *
-    cols`` for blocks (:func:`rigl_func.structured.structured_nnz`).
+    cols`` for blocks (:func:`rigl_func.structured.structured_nnz`). A layer split by
+    ``config.fused_splits`` gets the sum of its blocks' counts (:mod:`rigl_func.fused`).
 
     Raises:
         ValueError: a layer's shape does not fit the structure (names the layer).
@@ -235,6 +244,11 @@ def target_nnz(shapes: Mapping[str, Any], config: RigLConfig) -> dict[str, int]:
         >>> target_nnz({"w": (10, 10)}, RigLConfig(t_end=10, delta=5, sparsity=0.9, distribution="uniform"))
         {'w': 10}
     """
+    plan = fused_plan(shapes, config)
+    if plan:  # the sum of the blocks' exact counts (rigl_func.fused)
+        parts = target_nnz(split_shapes(shapes, config), config)
+        return {k: sum(parts[slice_name(k, i, plan[k])] for i in range(plan[k])) if k in plan else parts[k]
+                for k in shapes}
     sparsities = target_sparsities(shapes, config)
     if config.structure != "unstructured":
         return {k: structured_nnz(k, shapes[k], s, config) for k, s in sparsities.items()}

@@ -52,7 +52,8 @@ from rigl_func.masks import apply_masks
 from rigl_func.optim import reset_optimizer_state
 from rigl_func.schedules import is_update_step
 from rigl_func.state import RigLState, init_state
-from rigl_func.topology import accumulate, update_topology
+from rigl_func._tx_checks import check_step_inputs
+from rigl_func.topology import _update_topology, accumulate
 
 __all__ = ["RigLOptimizer", "RigLOptimizerState", "rigl"]
 
@@ -229,14 +230,26 @@ class RigLOptimizer:
             operands, see ``docs/sharp_bits.md``).
 
         Raises:
-            TypeError: ``state`` is not a :class:`RigLOptimizerState`.
+            TypeError: ``state`` is not a :class:`RigLOptimizerState`; ``params``/``grads``
+                are not dicts; a gradient is ``None`` (named: pass zeros for a parameter
+                that gets no gradient).
             ValueError: ``state.count`` is not a 0-d int64 CPU tensor, or it disagrees
-                with ``state.rigl.step`` (checked where reading both is free).
+                with ``state.rigl.step`` (checked where reading both is free); ``grads``
+                lacks a key of ``params`` or has one it lacks (only those names); a
+                parameter's shape or device differs from its mask's (``tx.init``'s); a
+                missing or incomplete ``aux`` tree that a criterion declares.
+            rigl_func.MissingExtrasError: a criterion reads an extras key nobody passes.
+
+        The input checks run eagerly at the first call (``state.count == 0``), at update
+        steps, at every step with ``debug=True`` and after any error of an eager step;
+        never under ``torch.compile`` (``docs/bad_inputs.md``).
         """
         self._check_state(state, batched=False)
-        operands = (dict(params), dict(grads), state, self._aux(aux))
         if not torch.compiler.is_compiling():  # under vmap(tx.step) the K counters must agree
-            return self._step_given(*operands, update=self.is_update_step(state))
+            update = self.is_update_step(state)
+            return self._eager(params, grads, state, aux, update, "tx.step", False,
+                               lambda *ops: self._step_given(*ops, update=update))
+        operands = (dict(params), dict(grads), state, self._aux(aux))
         pred = is_update_step(state.count + 1, self.config)  # shape=(), bool, CPU
         if torch._C._functorch.is_batchedtensor(pred):
             # A compiled vmap(tx.step): torch.cond cannot branch on a batched predicate
@@ -275,14 +288,32 @@ class RigLOptimizer:
                 K values differ.
         """
         self._check_state(state, batched=True)
-        operands = (dict(params), dict(grads), state, self._aux(aux))
 
         def vmapped(*ops, update):
             return torch.func.vmap(lambda *o: self._step_given(*o, update=update))(*ops)
 
         if not torch.compiler.is_compiling():
-            return vmapped(*operands, update=self.is_update_step(state))
+            update = self.is_update_step(state)
+            return self._eager(params, grads, state, aux, update, "tx.step_ensemble", True,
+                               lambda *ops: vmapped(*ops, update=update))
+        operands = (dict(params), dict(grads), state, self._aux(aux))
         return self._cond(is_update_step(state.count[0] + 1, self.config), vmapped, operands)
+
+    def _eager(self, params, grads, state, aux, update: bool, where: str, batched: bool, run):
+        """An eager step with the input checks of :mod:`rigl_func._tx_checks`: at the first call
+        (``state.count == 0``), at update steps, at every step with ``debug``, and after an
+        exception (a named error replaces a raw one). Plain steps after the first pay nothing."""
+        count = state.count
+        first = not _is_wrapped(count) and (int(count) == 0 if count.dim() == 0 else 0 in count.tolist())
+        check = lambda: check_step_inputs(params, grads, state, self._aux(aux), self.config,  # noqa: E731
+                                          where=where, batched=batched)
+        if first or update or self.debug or not isinstance(params, Mapping) or not isinstance(grads, Mapping):
+            check()
+        try:
+            return run(dict(params), dict(grads), state, self._aux(aux))
+        except (RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError):
+            check()  # a named error when the inputs are the cause
+            raise
 
     @staticmethod
     def _cond(pred: Tensor, fn, operands: tuple):
@@ -331,8 +362,9 @@ class RigLOptimizer:
         with torch.no_grad():
             rigl_state = accumulate(state.rigl, grads, self.config)
             if update:
-                new_params, new_rigl = update_topology(params, grads, rigl_state, self.config, aux,
-                                                       engine=self.engine, debug=self.debug)
+                batched = {"auto": "auto", "batched": True, "per_layer": False}[self.engine]  # as update_topology
+                new_params, new_rigl = _update_topology(params, grads, rigl_state, self.config, aux,
+                                                        batched=batched, debug=self.debug, caller="tx.step")
                 new_rigl = new_rigl._replace(masks={k: new_rigl.masks[k] for k in rigl_state.masks})
                 new_opt = reset_optimizer_state(state.opt, rigl_state.masks, new_rigl.masks)
             else:

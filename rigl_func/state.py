@@ -7,6 +7,7 @@ it with ``state._replace(...)``; every function here returns a new state.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Union
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl_func.config import RigLConfig
+from rigl_func.fused import fused_plan, merge_tree, split_shapes, split_tree
 from rigl_func.masks import init_masks, sparse_param_names, target_nnz, validate_masks
 from rigl_func.structured import check_structured_mask, init_masks_block, init_masks_n_m
 
@@ -117,6 +119,11 @@ def init_state(
     else:
         params = dict(model_or_params)
     names = sparse_param_names(model_or_params, config)  # the one rule (docs/sharp_bits.md)
+    for pattern, _ in config.fused_splits:
+        if not any(re.search(pattern, n) for n in names):
+            raise ValueError(f"fused_splits pattern {pattern!r} matches no sparse layer (sparse: {names[:8]}"
+                             f"{'...' if len(names) > 8 else ''}); add the weight with include=, "
+                             f"got fused_splits={dict(config.fused_splits)!r}")
     for name in names:
         if params[name].numel() == 0:
             raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)} and no entries: an empty "
@@ -130,9 +137,11 @@ def init_state(
                 raise ValueError(f"seed must fit in int64, i.e. be in [-2**63, 2**63), got seed={seed!r}")
             generator = torch.Generator().manual_seed(seed)
             key = seed
-        shapes = {n: tuple(params[n].shape) for n in names}
+        full_shapes = {n: tuple(params[n].shape) for n in names}
+        plan = fused_plan(full_shapes, config)  # fused layers are drawn block by block (rigl_func.fused)
+        shapes = split_shapes(full_shapes, config)
         nnz = target_nnz(shapes, config)
-        devices = {n: params[n].device for n in names}
+        devices = {n: params[n.rpartition("[")[0] if n not in params else n].device for n in shapes}
         if config.structure == "n:m":
             masks = {k: m.contiguous() for k, m in init_masks_n_m(shapes, config.n_m, generator=generator,
                                                                    device=devices).items()}
@@ -140,6 +149,7 @@ def init_state(
             masks = init_masks_block(shapes, nnz, config.block, generator=generator, device=devices)
         else:
             masks = init_masks(shapes, nnz, generator=generator, device=devices)
+        masks = merge_tree(masks, plan)
         if seed is None:  # the key continues the generator's stream, after the masks
             key = int(torch.randint(0, 2**31 - 1, (), generator=generator))
     else:
@@ -173,8 +183,10 @@ def check_state(state: RigLState, params: Mapping[str, Tensor], config: RigLConf
         value = getattr(state, field)
         if not isinstance(value, Tensor) or value.dim() != 0 or value.dtype != torch.int64:
             raise TypeError(f"state.{field} must be a 0-d int64 tensor, got {value!r}")
-    expected = target_nnz({k: tuple(m.shape) for k, m in state.masks.items()}, config)
-    for name, mask in state.masks.items():
+    # fused layers (config.fused_splits) are checked block by block: "name[i/k]" is row block i of k
+    blocks = split_tree(state.masks, fused_plan({k: tuple(m.shape) for k, m in state.masks.items()}, config))
+    expected = target_nnz({k: tuple(m.shape) for k, m in blocks.items()}, config)
+    for name, mask in blocks.items():
         if mask.device.type == "meta":
             raise ValueError(f"state.masks[{name!r}] is on the meta device (deferred initialization): materialize "
                              "the model first (model.to_empty(device=...) and initialize it), then build the state")

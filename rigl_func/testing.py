@@ -201,6 +201,7 @@ def check_criterion(
     for i, shape in enumerate(tuple(s) for s in shapes):
         param, grad, mask, extras = _inputs(shape, seed + i, aux)
         before = {k: v.clone() for k, v in {"param": param, "grad": grad, "mask": mask, **extras}.items()}
+        versions = {k: v._version for k, v in {"param": param, "grad": grad, "mask": mask, **extras}.items()}
         try:
             out = _call(fn, param, grad, mask, extras)
         except KeyError as err:
@@ -214,7 +215,9 @@ def check_criterion(
         if not out.is_floating_point():
             raise CriterionCheckError("dtype", f"{name} returned dtype {out.dtype}; scores must be floating point")
         now = {"param": param, "grad": grad, "mask": mask, **extras}
-        changed = [k for k in before if not _same(before[k], now[k])]
+        # values, and version counters: an in-place op that leaves the values as they were
+        # (param.mul_(1), param[~mask] = 0) still writes the caller's tensor (the update rejects it)
+        changed = [k for k in before if not _same(before[k], now[k]) or now[k]._version != versions[k]]
         if changed:
             raise CriterionCheckError("pure", f"{name} modified its inputs {changed} (in-place op such as abs_()?)")
         if not _same(out, _call(fn, param, grad, mask, extras)):

@@ -43,6 +43,7 @@ from rigl_func.random import fold_in, layer_id, normal
 from rigl_func.masks import target_nnz
 from rigl_func.schedules import drop_fraction, host_readable, in_accumulation_window, is_update_step
 from rigl_func.selection import _check, _take_top
+from rigl_func.fused import run_split
 from rigl_func.state import RigLState
 from rigl_func.structured import update_mask_block, update_mask_n_m
 
@@ -297,7 +298,7 @@ def update_topology_per_layer(
     return _update_topology(params, grads, state, config, aux, batched=False)
 
 
-def _check_values(state, config, growth, stacklevel: int, debug: bool) -> None:
+def _check_values(state, config, growth, stacklevel: int, debug: bool, caller: str = "update_topology") -> None:
     """The value checks of :func:`update_topology` (only where ``host_readable``)."""
     if host_readable(state.step, debug=debug) and state.step.dim() == 0:
         step = int(state.step)
@@ -323,12 +324,27 @@ def _check_values(state, config, growth, stacklevel: int, debug: bool) -> None:
         any_inactive = any_inactive or not bool(mask.all())
         active_nonzero = active_nonzero or bool(g.masked_fill(~mask, 0).ne(0).any())
     if any_inactive and active_nonzero:
-        warnings.warn("the gradients passed to update_topology are zero at every inactive entry: they were "
+        warnings.warn(f"the gradients passed to {caller} are zero at every inactive entry: they were "
                       "probably masked; pass the dense gradients (RigL grows where |grad| is largest, so "
                       "with masked gradients it regrows what it dropped)", UserWarning, stacklevel=stacklevel)
 
 
-def _update_topology(params, grads, state, config, aux, *, batched: bool, debug: bool = False):
+def _update_topology(params, grads, state, config, aux, *, batched: bool, debug: bool = False,
+                     caller: str = "update_topology"):
+    """The update; ``caller`` names the public entry point in warnings (``"tx.step"``).
+    Layers fused by ``config.fused_splits`` run as their row blocks (:mod:`rigl_func.fused`)."""
+    # warnings point at the user's call: update_topology -> _update_topology -> [run_split ->] _update_split
+    # (tx.step: -> _step_given -> lambda -> _eager -> step -> the user's call)
+    level = 5 if caller == "update_topology" else 8
+    if getattr(config, "fused_splits", ()) and isinstance(state, RigLState) and isinstance(state.masks, Mapping):
+        return run_split(_update_split, params, grads, state, config, aux, batched=batched, debug=debug,
+                         caller=caller, stacklevel=level + 1)
+    return _update_split(params, grads, state, config, aux, batched=batched, debug=debug, caller=caller,
+                         stacklevel=level)
+
+
+def _update_split(params, grads, state, config, aux, *, batched: bool, debug: bool = False,
+                  caller: str = "update_topology", stacklevel: int = 4):
     _check_types(state, config)
     _check_tree(params, state.masks, "params")
     accumulating = config.grad_accumulation_n > 1
@@ -347,7 +363,7 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool, debug:
             raise ValueError(f"{field}={fn_name!r} declares needs={trees!r} but aux has no {missing} tree "
                              f"(aux has {sorted(aux)}): pass update_topology(..., aux={{{missing[0]!r}: tree}}), "
                              "a dict[str, Tensor] per sparse layer")
-    _check_values(state, config, growth, 4, debug)
+    _check_values(state, config, growth, stacklevel, debug, caller)
     step_key = fold_in(state.key, state.step)
     new_params = dict(params)
     fast = ()

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import rigl_func as rf
+from rigl_func.testing import CriterionCheckError, check_criterion
 
 CUDA = torch.cuda.is_available()
 
@@ -611,14 +612,40 @@ SCHEDULER_ROWS = [
 
 _AFTER = {"sched-ctor-other-model": lambda watched: _no_hooks_left(watched["wide"])}
 
-def _one_call(make):
-    """Row setup from ``make(tx, params, grads, state) -> call`` for ``rigl_func.rigl``."""
+@rf.criterion(needs=("momentum",))
+def grow_by_momentum(param, grad, mask, extras):
+    return (grad * extras["momentum"]).abs()
+
+
+def grow_by_momentum_undeclared(param, grad, mask, extras):
+    return (grad * extras["momentum"]).abs()
+
+
+def _inplace_same_values(param, grad, mask):
+    param.mul_(1.0)
+    return grad.abs()
+
+
+_GROW = {"declared": grow_by_momentum, "undeclared": grow_by_momentum_undeclared}
+
+
+def _one_call(make, steps: int = 0, grow_criterion=None):
+    """Row setup from ``make(tx, params, grads, state) -> call`` for ``rigl_func.rigl``, after
+    ``steps`` plain steps (``world()``'s ``delta`` is 10: after 9 the next call updates)."""
     def setup():
         w = world()
-        tx = rf.rigl(w.config, rf.sgd(0.1, momentum=0.9))
+        config = w.config if grow_criterion is None else rf.RigLConfig(
+            t_end=100, delta=10, sparsity=0.5, distribution="uniform", grow_criterion=_GROW[grow_criterion])
+        tx = rf.rigl(config, rf.sgd(0.1, momentum=0.9))
         params, state = tx.init(w.params, masks=w.state.masks)
+        for _ in range(steps):
+            params, state = tx.step(params, w.grads, state)
         return make(tx, params, w.grads, state), {"params": params, "grads": w.grads, "state": state}
     return setup
+
+
+def _one_call_after(steps: int, make):
+    return _one_call(make, steps=steps)
 
 
 ONE_CALL_ROWS = [
@@ -640,9 +667,76 @@ ONE_CALL_ROWS = [
         _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s._replace(rigl=rf.accumulate(s.rigl, g, tx.config)))),
         raises=(ValueError, r"state.rigl.step=1 disagrees with state.count=0")),
     Row("tx-step-grads-missing-key", "`tx.step` with `grads` missing a parameter",
-        "`ValueError`: `grads must have the keys of params, got ['a', 'b'] and ['a', 'b', 'bias']`",
+        "`ValueError`: `tx.step(params, grads, state): grads lacks 'bias', a key of params ...` (only the "
+        "offending names)",
         _one_call(lambda tx, p, g, s: lambda: tx.step(p, {k: g[k] for k in ("a", "b")}, s)),
-        raises=(ValueError, r"grads must have the keys of params, got \['a', 'b'\] and \['a', 'b', 'bias'\]")),
+        raises=(ValueError, r"tx.step\(params, grads, state\): grads lacks 'bias', a key of params")),
+    Row("tx-step-grads-extra-key", "`tx.step` with `grads` holding a key `params` lacks",
+        "`ValueError`: `tx.step(params, grads, state): grads has 'c', which params lacks ...`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, {**g, "c": torch.zeros(2)}, s)),
+        raises=(ValueError, r"tx.step\(params, grads, state\): grads has 'c', which params lacks")),
+    Row("tx-step-grads-not-dict", "`tx.step(params, list(grads.values()), state)`",
+        "`TypeError`: `tx.step(params, grads, state): grads must be a dict[str, Tensor] ..., got grads=list`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, list(g.values()), s)),
+        raises=(TypeError, r"grads must be a dict\[str, Tensor\].*got grads=list")),
+    Row("tx-step-grad-none-sparse", "`tx.step` with `grads['a'] = None` (e.g. `autograd.grad(..., allow_unused=True)`)",
+        "`TypeError`: `tx.step(params, grads, state): grads['a'] is None (no gradient reached 'a'); pass a tensor "
+        "for every parameter, e.g. zeros ...`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, {**g, "a": None}, s)),
+        raises=(TypeError, r"tx.step\(params, grads, state\): grads\['a'\] is None")),
+    Row("tx-step-grad-none-dense-update", "`grads['bias'] = None` for a *dense* parameter at an update step "
+        "(not the first call)", "`TypeError` naming `grads['bias']`, as at the first call (the checks run at "
+        "every update step)",
+        _one_call_after(9, lambda tx, p, g, s: lambda: tx.step(p, {**g, "bias": None}, s)),
+        raises=(TypeError, r"tx.step\(params, grads, state\): grads\['bias'\] is None")),
+    Row("tx-step-grad-shape", "`tx.step` with `grads['a']` of another shape than `params['a']`",
+        "`ValueError`: `tx.step(params, grads, state): grads['a'] has shape (5, 6) but params['a'] has (6, 5)`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, {**g, "a": g["a"].T.contiguous()}, s)),
+        raises=(ValueError, r"grads\['a'\] has shape \(5, 6\) but params\['a'\] has \(6, 5\)")),
+    Row("tx-step-shape-changed", "a parameter whose shape changed after `tx.init`, at a plain step (not the "
+        "first call)", "`ValueError`: `tx.step(params, grads, state): params['a'] has shape (5, 6) but "
+        "state.rigl.masks['a'] has (6, 5) (the shape tx.init saw) ...` (was a raw `RuntimeError` from the masking)",
+        _one_call_after(1, lambda tx, p, g, s: lambda: tx.step({**p, "a": p["a"].T.contiguous()},
+                                                            {**g, "a": g["a"].T.contiguous()}, s)),
+        raises=(ValueError, r"params\['a'\] has shape \(5, 6\) but state.rigl.masks\['a'\] has \(6, 5\) "
+                            r"\(the shape tx.init saw\)")),
+    Row("tx-step-params-lack-sparse-layer", "`tx.step` with params and grads of another model (a sparse layer "
+        "missing)", "`ValueError`: `tx.step(params, grads, state): params lacks the sparse layer(s) 'b' of "
+        "state.rigl.masks ...`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step({k: p[k] for k in ("a", "bias")},
+                                                     {k: g[k] for k in ("a", "bias")}, s)),
+        raises=(ValueError, r"params lacks the sparse layer\(s\) 'b' of state.rigl.masks")),
+    Row("tx-step-aux-declared-missing", "a grow criterion declaring `needs=('momentum',)`, `tx.step` without "
+        "`aux` (first call)", "`ValueError`: `tx.step(..., aux=) lacks the 'momentum' tree that "
+        "grow_criterion='grow_by_momentum' declares ...; pass tx.step(params, grads, state, aux={'momentum': "
+        "tree})` (was: only at the first update step)",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s), grow_criterion="declared"),
+        raises=(ValueError, r"tx.step\(\.\.\., aux=\) lacks the 'momentum' tree that "
+                            r"grow_criterion='grow_by_momentum' declares")),
+    Row("tx-step-aux-missing-layer", "`tx.step(..., aux={'momentum': tree})` with a tree lacking sparse layer `b`",
+        "`ValueError`: `tx.step(..., aux={'momentum': ...}) lacks the sparse layer(s) 'b'`",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s, aux={"momentum": {"a": g["a"]}}),
+                  grow_criterion="declared"),
+        raises=(ValueError, r"aux=\{'momentum': \.\.\.\}\) lacks the sparse layer\(s\) 'b'")),
+    Row("tx-step-undeclared-extras", "an undeclared grow criterion reading `extras['momentum']`, `tx.step` "
+        "without `aux` (first call)", "`MissingExtrasError` (a `KeyError`): `tx.step: grow_criterion="
+        "'grow_by_momentum_undeclared' reads extras['momentum'], which no update passes ...; pass tx.step(params, "
+        "grads, state, aux={'momentum': tree})` (was: only at the first update step)",
+        _one_call(lambda tx, p, g, s: lambda: tx.step(p, g, s), grow_criterion="undeclared"),
+        raises=(rf.MissingExtrasError, r"tx.step: grow_criterion='grow_by_momentum_undeclared' reads "
+                                       r"extras\['momentum'\].*aux=\{'momentum': tree\}")),
+    Row("tx-step-masked-grads", "masked gradients (`rf.apply_masks(grads, masks)`) at an update step of `tx.step`",
+        "`UserWarning` naming the caller: `the gradients passed to tx.step are zero at every inactive entry: "
+        "they were probably masked ...`; the update runs", _one_call_after(
+            9, lambda tx, p, g, s: lambda: tx.step(p, rf.apply_masks(g, s.rigl.masks), s)),
+        check=lambda result, watched: None,
+        warns=(UserWarning, r"the gradients passed to tx.step are zero at every inactive entry")),
+    Row("check-criterion-inplace-same-values", "`check_criterion(fn)` for a criterion that edits `param` in "
+        "place without changing its values (`param.mul_(1.0)`)",
+        "`CriterionCheckError` with `.property == 'pure'`: `pure: fn modified its inputs ['param'] ...` (was a "
+        "plain `ValueError` from the update check)",
+        lambda: ((lambda: check_criterion(_inplace_same_values, compile=False)), {}),
+        raises=(CriterionCheckError, r"^pure: _inplace_same_values modified its inputs \['param'\]")),
 ]
 
 ROWS = CONFIG_ROWS + DOC_ROWS + ERROR_ROWS + ONE_CALL_ROWS + SCHEDULER_ROWS
