@@ -123,6 +123,13 @@ def _rule(model_or_params, config, *, frozen_are_candidates: bool = False) -> tu
         return names, aliases
     if isinstance(model_or_params, Mapping):
         names = [n for n, t in model_or_params.items() if _eligible(t)]
+        seen: dict[int, str] = {}
+        for n in names:  # one tensor under two names (a tied head): two masks would disagree
+            other = seen.setdefault(id(model_or_params[n]), n)
+            if other != n:
+                raise ValueError(f"params[{other!r}] and params[{n!r}] are the same tensor (tied weights): pass the "
+                                 "module (its rule reports a tied weight once) or the dict of "
+                                 "dict(model.named_parameters()), which lists it once")
         return names, {n: [n] for n in model_or_params}
     raise TypeError(f"model_or_params must be an nn.Module or a dict of tensors, got {type(model_or_params).__name__}")
 

@@ -198,3 +198,10 @@ def test_tx_init_trains_the_tied_lm():
     assert int(state.rigl.num_updates) == 2
     for k, m in state.rigl.masks.items():
         assert bool((params[k][~m] == 0).all())
+
+
+def test_dict_with_a_tied_tensor_twice_is_an_error():
+    model = TinyLM()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with pytest.raises(ValueError, match=r"params\['emb.weight'\] and params\['head.weight'\] are the same tensor"):
+        rf.init_state(params, _cfg(), seed=0)
