@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of issue 11, one command, under 6 minutes on one GPU, no internet:
+# GPU check of issue 11, one command, under 10 minutes on one GPU (6 + 4 for the sparse
+# kernels of issue 20, part (d)), no internet:
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -9,9 +10,12 @@
 #     only if that is not enough);
 # (b) runs tests/test_cuda.py, then the CUDA-parametrized tests of the suite
 #     (`-k "cuda and not compile"`; tests/test_cuda.py covers compile on CUDA);
-# (c) runs `python -m benchmarks.gpu`, which writes OUTDIR/gpu_report.md and .json.
+# (c) runs `python -m benchmarks.gpu`, which writes OUTDIR/gpu_report.md and .json;
+# (d) the sparse kernels: tests/test_sparse_kernels.py on CUDA, then
+#     `python -m benchmarks --only sparse_speedup --device cuda` (OUTDIR/sparse_speedup.txt,
+#     .md). `SPARSE_ONLY=1 bash benchmarks/gpu_check.sh OUTDIR` runs (a) and (d) only.
 #
-# Every part has its own timeout (sum: 350 s) and runs even if an earlier part failed;
+# Every part has its own timeout (sum: 350 s + 240 s for (d)) and runs even if an earlier part failed;
 # each part's output is in OUTDIR/<part>.txt, the overview in OUTDIR/summary.md. Exit
 # status 0 only if every part passed. Without a CUDA device the benchmark runs its CPU
 # quick mode and the CUDA tests are skipped.
@@ -34,6 +38,7 @@ SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 T_INSTALL=30 T_CUDA_TESTS=140 T_SUITE=50 T_BENCH=130 BENCH_BUDGET=105  # test_cuda: + the compiled one-call step (issue 13)
+T_SPARSE_TESTS=90 T_SPARSE_BENCH=150  # (d) sparse kernels (issue 20)
 START=$SECONDS
 FAILED=0
 printf '# GPU check summary\n\n| part | exit | seconds | output |\n| :--- | ---: | ---: | :--- |\n' > "$OUT/summary.md"
@@ -103,6 +108,7 @@ export PYTHONPATH
 (command -v nvidia-smi > /dev/null && timeout 15 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1) || true
 
 # (b) CUDA tests ----------------------------------------------------------------------
+if [[ -z ${SPARSE_ONLY:-} ]]; then
 part test_cuda "$T_CUDA_TESTS" "$PY" -m pytest -p no:cacheprovider -v -rfEsxX --tb=short --durations=10 \
     --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
 part test_suite_cuda "$T_SUITE" "$PY" -m pytest -p no:cacheprovider -q -rfE --tb=short --durations=10 \
@@ -116,6 +122,22 @@ else
     DEVICE_ARGS=(--device cpu --quick)
 fi
 part gpu_bench "$T_BENCH" "$PY" -m benchmarks.gpu --out "$OUT" "${DEVICE_ARGS[@]}" --budget-s "$BENCH_BUDGET"
+fi  # SPARSE_ONLY
+
+# (d) sparse kernels (issue 20): the Triton kernels against dense on CUDA (fp32, bf16,
+#     gradients; the Triton interpreter test too), then the GPT MLP block benchmark (bf16 first: its last line is the GPU
+#     figure, `sparse_speedup cuda: mlp_fwd <X>x mlp_train <Y>x (95% block 32x32)`, the line
+#     before it the 90% one). Under 4 minutes; `SPARSE_ONLY=1 bash benchmarks/gpu_check.sh OUT`
+#     runs only this part (and the install): about 4 minutes.
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    SPARSE_ARGS=(--device cuda --repeats 5)
+else
+    SPARSE_ARGS=(--device cpu --smoke)
+fi
+part test_sparse_kernels_cuda "$T_SPARSE_TESTS" "$PY" -m pytest -p no:cacheprovider -q -rfEs --tb=short \
+    --junitxml="$OUT/test_sparse_kernels_cuda.xml" -k "cuda or triton" tests/test_sparse_kernels.py
+part sparse_speedup "$T_SPARSE_BENCH" "$PY" -m benchmarks --only sparse_speedup "${SPARSE_ARGS[@]}" \
+    --out "$OUT/sparse_speedup.md"
 
 printf '\nTotal: %s s. Report: gpu_report.md (numbers), test_cuda.txt / test_suite_cuda.txt (pytest).\n' \
     "$((SECONDS - START))" >> "$OUT/summary.md"
