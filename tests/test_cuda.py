@@ -319,3 +319,29 @@ def test_compiled_one_call_step_on_cuda_equals_eager_without_recompiles_or_syncs
                 comp = compiled(*comp[:1], g, comp[1])
         _assert_close_runs(comp, eager)
     assert backend.calls == 1, "recompiled"
+
+
+# 7. Issue 17: the padded-row engine on CUDA with NaN / inf / ±0.0 / denormal weights and
+# gradients (CUDA's topk, compares and scans): batched == per-layer on CUDA, and CUDA ==
+# the CPU, bit for bit; chunked or not.
+@requires_cuda
+def test_batched_engine_on_cuda_with_special_values_equals_per_layer_and_cpu():
+    from hypothesis import given, settings
+
+    from test_engine_scale import _special_case, _special_world
+    from conftest import assert_trees_equal
+    from rigl_func.topology import update_topology_per_layer
+
+    @settings(max_examples=150, deadline=None)
+    @given(case=_special_case())
+    def check(case):
+        params, grads, state, cfg = _special_world(case)
+        cpu = update_topology_per_layer(params, grads, state, cfg)
+        on = lambda tree: tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, tree)  # noqa: E731
+        batched = rigl_func.update_topology(on(params), on(grads), on(state), cfg, engine="batched")
+        per_layer = update_topology_per_layer(on(params), on(grads), on(state), cfg)
+        assert_trees_equal(batched, per_layer, bitwise=True)
+        assert_trees_equal(tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, batched), cpu,
+                           bitwise=True)
+
+    check()
