@@ -17,7 +17,9 @@ Two measurements per variant: **forward** (``no_grad``) and **training step**: f
 ``torch.func.grad`` w.r.t. the params *and* the input (both gradients of each layer),
 and ``tx.step`` (AdamW) at a plain step (the weight gradient at the active blocks only;
 the dense one is computed at RigL update steps, every ``delta`` steps). The
-update-step row times the training step with ``dense_grad=True``. CPU: fp32, the
+update-step row times the training step with ``dense_grad=True``; the exported row the
+forward of ``functional_call(rigl_func.sparse_modules(model, layouts), params, x)``
+(inference export). CPU: fp32, the
 thread count of ``--threads``; CUDA: bf16 (the GPU target) and fp32. Ratios are
 dense / sparse medians of the same run. On a shared machine the timings are noisy.
 The last line of the summary is
@@ -188,6 +190,13 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
                     fns[f"{vname} {k}"] = f
             upd = with_dense_grad(auto, True)
             fns["auto update-step train"] = _variants(model, tx, params, state, x, upd)["train"]
+            exported = rf.sparse_modules(model, auto)  # inference export: params + masks -> SparseLinear
+
+            def export_fwd(m=exported, p=params):
+                with torch.no_grad():
+                    return functional_call(m, p, (x,))
+
+            fns["export fwd"] = export_fwd
             t = time_interleaved(fns, device=ctx.device, repeats=ctx.repeats, warmup=ctx.warmup)
             base = {k: t[f"dense {k}"].median_ms for k in ("fwd", "train")}
             for vname in variants:
@@ -196,6 +205,8 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Section:
                              f"{base['fwd'] / t[f'{vname} fwd'].median_ms:.2f}x",
                              fmt_ms(t[f"{vname} train"].median_ms),
                              f"{base['train'] / t[f'{vname} train'].median_ms:.2f}x"])
+            rows.append([dname, label, "exported: sparse_modules + functional_call",
+                         fmt_ms(t["export fwd"].median_ms), f"{base['fwd'] / t['export fwd'].median_ms:.2f}x", "", ""])
             rows.append([dname, label, "auto, update step (dense weight grad)", "", "",
                          fmt_ms(t["auto update-step train"].median_ms),
                          f"{base['train'] / t['auto update-step train'].median_ms:.2f}x"])
