@@ -298,3 +298,18 @@ def test_blocks_kernel_thread_split_is_bitwise_equal_to_one_thread():
         torch.set_num_threads(before)
     for a, c in zip(one, three):
         assert torch.equal(a, c)
+
+
+def test_benchmark_smoke_prints_the_speedup_line_last():
+    """``python -m benchmarks --only sparse_speedup --smoke``'s summary ends with the line the
+    issue asks for, the medians of the same run (no timing is asserted)."""
+    import re
+
+    from benchmarks.common import Context
+    from benchmarks.sparse_speedup import run
+
+    section = run(Context(device=torch.device("cpu"), smoke=True, repeats=1, warmup=0), log=lambda msg: None)
+    last = section.summary.splitlines()[-1]
+    assert re.fullmatch(r"sparse_speedup cpu: mlp_fwd \d+\.\d\dx mlp_train \d+\.\d\dx \(95% block 32x32\)", last), last
+    assert "(90% block 32x32)" in section.summary.splitlines()[-2]
+    assert "exported: sparse_modules + functional_call" in section.summary
