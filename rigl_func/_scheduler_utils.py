@@ -62,6 +62,7 @@ HYPERPARAMS = {
     "include": (),  # ours (keyword-only): the RigLConfig layer rules
     "exclude": (),
     "dense": (),
+    "fused_splits": (),  # ours (keyword-only): RigLConfig(fused_splits=...), as (regex, k) pairs
 }
 
 #: Keys that checkpoints written before they existed lack (read as their defaults).
@@ -74,7 +75,15 @@ def saved_hyperparams(saved: Mapping) -> dict:
     for name in _LAYER_RULES:
         value = out.get(name, ())
         out[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    value = out.get("fused_splits", ())
+    out["fused_splits"] = _fused_pairs(value) if isinstance(value, (dict, list, tuple)) else value
     return out
+
+
+def _fused_pairs(value) -> tuple:
+    """``{regex: k}`` or ``(regex, k)`` pairs (lists after a round trip) as a tuple of tuples."""
+    items = value.items() if isinstance(value, dict) else value
+    return tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in items)
 
 #: ``grow=`` value -> core method.
 GROW_METHODS = {"gradient": "rigl", "random": "set", "ema": "snfs"}
@@ -105,6 +114,10 @@ def check_hyperparams(hp: Mapping) -> dict:
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise TypeError(f"{name} must be a tuple of str, got {name}={value!r}")
         hp[name] = tuple(value)
+    fused = hp["fused_splits"]
+    if not isinstance(fused, (dict, list, tuple)):
+        raise TypeError(f"fused_splits must be a dict {{regex: k}} or (regex, k) pairs, got fused_splits={fused!r}")
+    hp["fused_splits"] = _fused_pairs(fused)
     if hp["grow"] not in GROW_METHODS:
         raise ValueError(f"grow must be one of {sorted(GROW_METHODS)}, got grow={hp['grow']!r}")
     d = hp["dense_allocation"]
@@ -197,7 +210,7 @@ def make_config(hp: Mapping, layers: Mapping[str, nn.Module], *, frozen: frozens
                 t_end=hp["T_end"], sparsity=1.0 - float(hp["dense_allocation"]), distribution=distribution,
                 delta=hp["delta"], alpha=float(hp["alpha"]), grad_accumulation_n=hp["grad_accumulation_n"],
                 dense=tuple(dense), method=GROW_METHODS[hp["grow"]],
-                include=hp["include"], exclude=hp["exclude"],
+                include=hp["include"], exclude=hp["exclude"], fused_splits=hp["fused_splits"],
             )
         except (TypeError, ValueError) as err:
             raise type(err)(_rename(str(err))) from err
@@ -221,6 +234,8 @@ def resolve_hyperparams(given: Mapping, saved: Mapping) -> dict:
         if name not in saved:
             raise ValueError(f"state_dict['hyperparams'] lacks {name!r}; not a RigLScheduler checkpoint?")
         value = given[name]
+        if name == "fused_splits" and isinstance(value, (dict, list, tuple)):
+            value = _fused_pairs(value)
         if value is default or (type(value) is type(default) and value == default):
             out[name] = saved[name]
         else:

@@ -104,6 +104,8 @@ class RigLScheduler:
         include, exclude, dense: keyword-only; the :class:`RigLConfig` layer rules
             (``include`` regexes add weights, e.g. ``in_proj_weight``; ``exclude`` regexes
             and ``dense`` exact names remove them).
+        fused_splits: keyword-only; :class:`RigLConfig`'s ``fused_splits`` (``{regex: k}``):
+            a fused QKV weight counts as ``k`` row-block layers (:mod:`rigl_func.fused`).
         grad_scaler: keyword-only; the ``torch.amp.GradScaler`` of the loop. On the
             iterations that feed an update ``pruner()`` unscales the gradients
             (``scaler.unscale_(optimizer)``), so the update sees true gradients and
@@ -143,14 +145,15 @@ class RigLScheduler:
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, seed: int = 0, grow: str = "gradient", include=(), exclude=(), dense=(),
-                 grad_scaler=None):
+                 fused_splits=(), grad_scaler=None):
         module = U.unwrap_model(model)
         C.check_optimizer(optimizer)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got seed={seed!r}")
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta=delta, alpha=alpha, static_topo=static_topo,
-                  grad_accumulation_n=grad_accumulation_n, grow=grow, include=include, exclude=exclude, dense=dense)
+                  grad_accumulation_n=grad_accumulation_n, grow=grow, include=include, exclude=exclude, dense=dense,
+                  fused_splits=fused_splits)
         if state_dict is not None:
             C.check_format(state_dict)
             hp = U.resolve_hyperparams(hp, state_dict["hyperparams"])
@@ -417,7 +420,8 @@ class RigLScheduler:
         scheduler replaces them, never edits them in place. Save it with ``torch.save``."""
         return {
             "format": U.FORMAT,
-            "hyperparams": {k: v for k, v in self._hp.items() if v != () or k not in ("include", "exclude", "dense")},
+            "hyperparams": {k: v for k, v in self._hp.items()
+                            if v != () or k not in ("include", "exclude", "dense", "fused_splits")},
             "layers": list(self.layer_names),
             "N": list(self.N),
             "S": list(self.S),

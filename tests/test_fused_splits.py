@@ -190,3 +190,33 @@ def test_bad_fused_layers_are_named():
     # in_proj_weight left dense (no include=): the split pattern would do nothing -- an error
     with pytest.raises(ValueError, match=r"fused_splits pattern 'in_proj_weight\$' matches no sparse layer"):
         rf.init_state(Block(), _cfg(include=(), fused_splits={r"in_proj_weight$": 3}), seed=0)
+
+
+def test_scheduler_holds_block_counts_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = Block()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(dense_allocation=0.1, T_end=100, delta=2, sparsity_distribution="erk", ignore_linear_layers=False,
+              include=(r"in_proj_weight$",), fused_splits=SPLITS)
+    pruner = rf.RigLScheduler(model, opt, **kw)
+    cfg = pruner.config
+    assert cfg.fused_splits == tuple(SPLITS.items())
+    # the same sparse set and per-block counts as the functional path
+    state = rf.init_state(model, cfg, seed=0)
+    assert _blocks(pruner.state.masks, cfg) == _blocks(state.masks, cfg)
+    first = _blocks(pruner.state.masks, cfg)
+    x = torch.randn(5, 3, D, generator=torch.Generator().manual_seed(1))
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        if pruner():
+            opt.step()
+    assert pruner.rigl_steps == 3 and _blocks(pruner.state.masks, cfg) == first
+    torch.save(pruner.state_dict(), tmp_path / "sd.pt")
+    pruner.remove()
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    again = rf.RigLScheduler(model, opt, state_dict=sd)
+    assert again.config.fused_splits == cfg.fused_splits
+    again.remove()
+    again = rf.RigLScheduler(model, opt, state_dict=sd, **kw)  # explicit, equal arguments agree
+    again.remove()
