@@ -220,3 +220,22 @@ def test_scheduler_holds_block_counts_and_resumes(tmp_path):
     again.remove()
     again = rf.RigLScheduler(model, opt, state_dict=sd, **kw)  # explicit, equal arguments agree
     again.remove()
+
+
+@pytest.mark.parametrize("kw", [dict(method="snfs"), dict(method="set", grow_init="normal"),
+                                dict(grad_accumulation_n=2, delta=4), dict(structure="block", block=(4, 4)),
+                                dict(structure="n:m", n_m=(2, 4))], ids=["snfs", "set", "accumulate", "block", "n:m"])
+def test_block_counts_hold_for_every_method_and_structure(kw):
+    torch.manual_seed(0)
+    model = Block()
+    cfg = _cfg(**kw)
+    tx = rf.rigl(cfg, rf.adamw(1e-2))
+    params, state = tx.init(model, seed=0)
+    first, start = _blocks(state.rigl.masks, cfg), state.rigl.masks
+    x = torch.randn(5, 3, D, generator=torch.Generator().manual_seed(1))
+    loss = lambda p: torch.func.functional_call(model, p, (x,)).pow(2).mean()  # noqa: E731
+    for _ in range(8):
+        params, state = tx.step(params, torch.func.grad(loss)(params), state)
+        assert _blocks(state.rigl.masks, cfg) == first
+    rf.check_state(state.rigl, params, cfg)  # the structure's pattern holds in every block too
+    assert sum(int((state.rigl.masks[k] & ~start[k]).sum()) for k in start) > 0
