@@ -239,3 +239,23 @@ def test_block_counts_hold_for_every_method_and_structure(kw):
         assert _blocks(state.rigl.masks, cfg) == first
     rf.check_state(state.rigl, params, cfg)  # the structure's pattern holds in every block too
     assert sum(int((state.rigl.masks[k] & ~start[k]).sum()) for k in start) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the batched engine is the default there)")
+def test_block_counts_hold_on_cuda_batched_equals_per_layer():
+    masks = {}
+    for engine in ("batched", "per_layer"):
+        torch.manual_seed(0)
+        model = Block().cuda()
+        cfg = _cfg()
+        tx = rf.rigl(cfg, rf.sgd(0.1), engine=engine)
+        params, state = tx.init(model, seed=0)
+        first = _blocks(state.rigl.masks, cfg)
+        x = torch.randn(5, 3, D, generator=torch.Generator().manual_seed(1)).cuda()
+        loss = lambda p: torch.func.functional_call(model, p, (x,)).pow(2).mean()  # noqa: E731
+        for _ in range(6):
+            params, state = tx.step(params, torch.func.grad(loss)(params), state)
+        assert _blocks(state.rigl.masks, cfg) == first
+        masks[engine] = {k: m.cpu() for k, m in state.rigl.masks.items()}
+    for k in masks["batched"]:
+        assert torch.equal(masks["batched"][k], masks["per_layer"][k]), k
