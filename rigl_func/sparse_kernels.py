@@ -14,7 +14,7 @@ Kernels (one table, :data:`KERNEL_TABLE`; only those that won a measurement are 
 * ``"blocks"``: one small matmul per active block on feature-major operands, split over
   the CPU threads (:mod:`rigl_func.cpu_block_sparse`; custom ops, opaque to
   ``torch.compile``). It beat torch's BSR/CSR (MKL) and a pure-PyTorch gather/``einsum``/
-  ``index_add`` kernel on every CPU config measured (those two live on in the benchmark,
+  ``index_add`` kernel on every block config measured (those two live on in the benchmark,
   ``benchmarks/sparse_speedup.py``, via :func:`register_kernel`);
 * ``"triton"``: Triton kernels (CUDA; :mod:`rigl_func.triton_block_sparse`);
 * ``"dense"``: scatter the blocks into a zero ``[out, in]`` and use dense matmuls: the
