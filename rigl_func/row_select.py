@@ -118,8 +118,8 @@ def order_keys_(values: Tensor, eligible: Optional[Tensor]) -> Tensor:
 def pad_rows(tensors: Sequence[Tensor], width: int, fill) -> Tensor:
     """``[len(tensors), width]``: row ``i`` holds ``tensors[i]`` flattened, then ``fill``.
 
-    One ``torch.cat`` whatever the number of rows (the padding is a stride-0 view of
-    one scalar), so the op count does not grow with the number of layers.
+    One ``torch.cat`` whatever the number of rows (the padding is sliced from one
+    filler), so the op count does not grow with the number of layers.
 
     Args:
         tensors: tensors of one dtype and device, each with ``numel <= width``.
@@ -133,16 +133,18 @@ def pad_rows(tensors: Sequence[Tensor], width: int, fill) -> Tensor:
         >>> pad_rows([torch.tensor([1, 2]), torch.tensor([[3, 4], [5, 6]])], 4, 0).tolist()
         [[1, 2, 0, 0], [3, 4, 5, 6]]
     """
-    parts, filler = [], None
-    for t in tensors:
+    shorts = [width - t.numel() for t in tensors]
+    longest = max(shorts)
+    if longest == 0 and len(tensors) == 1:
+        return tensors[0].reshape(-1).clone().view(1, width)
+    # One contiguous filler (sliced per row): cat's batched copy takes contiguous inputs
+    # only; stride-0 (expanded) pieces would each cost a copy kernel on a GPU.
+    filler = torch.full((longest,), fill, dtype=tensors[0].dtype, device=tensors[0].device) if longest else None
+    parts = []
+    for t, short in zip(tensors, shorts):
         parts.append(t.reshape(-1))
-        short = width - t.numel()
         if short:
-            if filler is None:
-                filler = torch.full((), fill, dtype=t.dtype, device=t.device)
-            parts.append(filler.expand(short))
-    if len(parts) == 1:
-        return parts[0].clone().view(1, width)
+            parts.append(filler[:short])
     return torch.cat(parts).view(len(tensors), width)
 
 
