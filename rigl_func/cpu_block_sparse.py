@@ -115,6 +115,13 @@ _sddmm_op = torch.library.custom_op("rigl_func::cpu_block_sddmm", _sddmm_impl, m
 _sddmm_op.register_fake(_fake_sddmm)
 
 
+def _register_vmaps() -> None:  # called by rigl_func.sparse_kernels (it imports this module)
+    from rigl_func.sparse_kernels import register_loop_vmap  # noqa: PLC0415
+
+    register_loop_vmap(_mm_op)
+    register_loop_vmap(_sddmm_op)
+
+
 def _d(*args):  # the ops have no autograd formula: sparse_linear's Function is the formula
     return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
 

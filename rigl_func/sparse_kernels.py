@@ -18,7 +18,8 @@ Kernels (one table, :data:`KERNEL_TABLE`; only those that won a measurement are 
   ``benchmarks/sparse_speedup.py``, via :func:`register_kernel`);
 * ``"triton"``: Triton kernels (CUDA; :mod:`rigl_func.triton_block_sparse`);
 * ``"dense"``: scatter the blocks into a zero ``[out, in]`` and use dense matmuls: the
-  fallback wherever sparse is slower, and the ``vmap`` path (pure PyTorch).
+  fallback wherever sparse is slower (pure PyTorch: batched by ``vmap`` natively; the
+  custom ops of the other two loop over a ``vmap`` batch, :func:`register_loop_vmap`).
 
 The ``"auto"`` choice (:func:`choose_kernel`) follows ``python -m benchmarks --only
 sparse_speedup`` (docs/sparse_kernels.md has the numbers).
@@ -35,7 +36,7 @@ from rigl_func import cpu_block_sparse
 from rigl_func.sparse_layout import BlockLayout
 
 __all__ = ["Kernel", "KERNEL_TABLE", "choose_kernel", "gather_blocks", "get_kernel", "kernel_names",
-           "register_kernel", "scatter_blocks"]
+           "register_kernel", "register_loop_vmap", "scatter_blocks"]
 
 
 class Kernel(NamedTuple):
@@ -102,9 +103,24 @@ def _dense_sddmm(g: Tensor, x: Tensor, layout: BlockLayout) -> Tensor:
     return gather_blocks(g.t() @ x, layout)
 
 
+def register_loop_vmap(op) -> None:
+    """Give a ``torch.library`` custom op a ``vmap`` rule that loops over the batch (each
+    batched argument sliced, the others shared; the outputs stacked along dim 0). The
+    kernels' ops use it, so ``vmap`` over models, seeds or layouts works with every kernel
+    (as fast as a loop, no faster)."""
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)))
+                for b in range(info.batch_size)]
+        return torch.stack(outs), 0
+
+    op.register_vmap(rule)
+
+
 def _triton_kernel() -> Kernel:
     from rigl_func import triton_block_sparse as tbs  # noqa: PLC0415 (imports triton)
 
+    tbs._register_vmaps()
     return Kernel(tbs.mm, tbs.mm_t, tbs.sddmm)
 
 
@@ -113,6 +129,9 @@ KERNEL_TABLE: dict[str, Kernel] = {
     "dense": Kernel(_dense_mm, _dense_mm_t, _dense_sddmm),
     "blocks": Kernel(cpu_block_sparse.mm, cpu_block_sparse.mm_t, cpu_block_sparse.sddmm),
 }
+
+
+cpu_block_sparse._register_vmaps()
 
 
 def kernel_names() -> list[str]:

@@ -127,6 +127,13 @@ def _(g, x, rows, cols, r, c):
     return g.new_empty(rows.shape[0], r, c)
 
 
+def _register_vmaps() -> None:  # called by rigl_func.sparse_kernels when it loads this module
+    from rigl_func.sparse_kernels import register_loop_vmap  # noqa: PLC0415
+
+    register_loop_vmap(_mm_op)
+    register_loop_vmap(_sddmm_op)
+
+
 def _d(*args):  # the ops have no autograd formula: sparse_linear's Function is the formula
     return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
 

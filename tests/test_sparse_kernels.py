@@ -313,3 +313,30 @@ def test_benchmark_smoke_prints_the_speedup_line_last():
     assert re.fullmatch(r"sparse_speedup cpu: mlp_fwd \d+\.\d\dx mlp_train \d+\.\d\dx \(95% block 32x32\)", last), last
     assert "(90% block 32x32)" in section.summary.splitlines()[-2]
     assert "exported: sparse_modules + functional_call" in section.summary
+
+
+def test_vmap_with_custom_op_kernel_equals_loop_shared_and_per_model_layouts():
+    """vmap over K models with the "blocks" kernel (custom ops with a loop vmap rule): the
+    layout shared by all models, and one layout per model (stacked index tensors)."""
+    base = _block_mask(64, 48, (16, 16), 0.5, 0)
+    masks = [torch.roll(base, shifts=(16 * s, 16 * s), dims=(0, 1)) for s in range(3)]  # same count, 3 topologies
+    lays = [block_layout(m, (16, 16), kernel="blocks") for m in masks]
+    k = len(lays)
+    assert len({tuple(l.rows.tolist()) + tuple(l.cols.tolist()) for l in lays}) == 3
+    ws = torch.stack([torch.randn(64, 48) * m for m in masks])
+    xs = torch.randn(k, 7, 48)
+
+    def loss(w, x, lay):
+        return sparse_linear(x, w, lay).pow(2).sum()
+
+    shared = vmap(grad(loss, argnums=(0, 1)), in_dims=(0, 0, None))(ws, xs, lays[0])
+    for i in range(k):
+        for got, want in zip(shared, grad(loss, argnums=(0, 1))(ws[i], xs[i], lays[0])):
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-4)
+    stacked = lays[0]._replace(**{f: torch.stack([getattr(l, f) for l in lays]) for f in lays[0]._fields[:5]})
+    dims = lays[0]._replace(rows=0, cols=0, crow=0, t_perm=0, t_ccol=0, shape=None, block=None, kernel=None,
+                            dense_grad=None)
+    per_model = vmap(grad(loss, argnums=(0, 1)), in_dims=(0, 0, dims))(ws, xs, stacked)
+    for i in range(k):
+        for got, want in zip(per_model, grad(loss, argnums=(0, 1))(ws[i], xs[i], lays[i])):
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-4)
