@@ -553,9 +553,9 @@ def comparisons(runs: list[dict]) -> str:
             base = method[: method.rindex("-b")]
             if (base, sparsity, 1) in g:
                 pairs.append(((method, sparsity, 1), (base, sparsity, 1)))
-    dense = next((k for k in g if k[0] == "dense" and k[2] == 1), None)
-    if dense is not None:
-        pairs += [(k, dense) for k in g if k[0] in ("rigl", "rigl-erk") and k[2] == 1]
+    for k in g:  # RigL against dense at the same number of steps, and (longer runs) against dense at 1x
+        if k[0] in ("rigl", "rigl-erk"):
+            pairs += [(k, d) for d in dict.fromkeys([("dense", 0.0, k[2]), ("dense", 0.0, 1)]) if d in g]
     rows = ["| comparison | sparsity | Δ bits/byte (mean, 95% CI, paired by seed) | seeds | verdict |",
             "|---|---|---|---|---|"]
     for a, b in pairs:
@@ -714,7 +714,9 @@ def main(argv=None) -> list[dict]:
         jobs = study_jobs(args.seeds)
     else:
         jobs = [(m, sp, s, mult) for sp in args.sparsity for m in args.methods for mult in args.mult
-                for s in range(args.seeds) if not (m == "dense" and (sp != args.sparsity[0] or mult != 1))]
+                for s in range(args.seeds) if not (m == "dense" and sp != args.sparsity[0])]
+    if not jobs:
+        raise ValueError(f"no runs to do: methods={args.methods}, sparsity={args.sparsity}, seeds={args.seeds}")
     if not args.study:
         jobs.sort(key=lambda j: -j[3])  # long runs first: better packing on the workers
     args.out.mkdir(parents=True, exist_ok=True)
