@@ -340,3 +340,20 @@ def test_vmap_with_custom_op_kernel_equals_loop_shared_and_per_model_layouts():
     for i in range(k):
         for got, want in zip(per_model, grad(loss, argnums=(0, 1))(ws[i], xs[i], lays[i])):
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the triton kernel's hot path)")
+def test_cuda_triton_forward_and_gradients_have_no_host_sync():
+    from rigl_func.dispatch import count_ops
+
+    mask, w, x, b, lay = _case("triton", "cuda", torch.bfloat16, (32, 32))
+    assert block_layout(mask, (32, 32), dtype=torch.bfloat16).kernel == "triton"  # the auto choice on CUDA
+
+    def loss(w, x):
+        return sparse_linear(x, w, lay, b).float().pow(2).sum()
+
+    grad(loss, argnums=(0, 1))(w, x)  # warm-up: Triton compiles
+    with count_ops() as counts:
+        grad(loss, argnums=(0, 1))(w, x)
+        grad(lambda w, x: sparse_linear(x, w, lay._replace(dense_grad=True), b).float().pow(2).sum())(w, x)
+    assert counts.syncs == 0 and counts.host_to_device == 0, (counts.syncs, counts.host_to_device)
