@@ -35,7 +35,7 @@ from torch import Tensor
 from rigl_func import cpu_block_sparse
 from rigl_func.sparse_layout import BlockLayout
 
-__all__ = ["Kernel", "KERNEL_TABLE", "choose_kernel", "gather_blocks", "get_kernel", "kernel_names",
+__all__ = ["CPU_MIN_NUMEL", "Kernel", "KERNEL_TABLE", "choose_kernel", "gather_blocks", "get_kernel", "kernel_names",
            "register_kernel", "register_loop_vmap", "scatter_blocks"]
 
 
@@ -172,27 +172,38 @@ def _triton_ok() -> bool:
     return True
 
 
+#: The smallest weight (``out * in``) the CPU kernel is chosen for (2**18: ``[1024, 256]``).
+CPU_MIN_NUMEL = 2**18
+
+
 def choose_kernel(layout: BlockLayout, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """The fastest kernel for this device, block shape, density and dtype, as measured by
     ``python -m benchmarks --only sparse_speedup`` (docs/sparse_kernels.md):
 
-    * CPU, fp32, blocks of at least 16x16 and density <= 0.25: ``"blocks"``; otherwise
-      (unstructured, small blocks, denser, bf16/fp16) ``"dense"``;
+    * CPU, fp32, blocks of at least 16x16, density <= 0.25 and at least
+      :data:`CPU_MIN_NUMEL` weights: ``"blocks"`` (measured, 32x32 blocks, 2 threads:
+      1.4-4.8x over dense for ``[1024, 256]`` and ``[4096, 1024]`` weights at densities
+      0.05-0.25 and 2,048 tokens; 0.2-0.5x for ``[512, 128]`` at 1,024 tokens, where the
+      per-block overhead wins); otherwise (unstructured, small blocks or weights, denser,
+      bf16/fp16) ``"dense"``;
     * CUDA, blocks of at least 16x16 and density <= 0.25, Triton installed: ``"triton"``;
       otherwise ``"dense"``;
     * any other device: ``"dense"``.
 
     Example:
         >>> from rigl_func.sparse_layout import block_layout
-        >>> m = torch.zeros(64, 64, dtype=torch.bool); m[:32, :32] = True
+        >>> m = torch.zeros(1024, 256, dtype=torch.bool); m[:32, :32] = True
         >>> choose_kernel(block_layout(m, (32, 32), kernel="dense"), "cpu")
         'blocks'
+        >>> choose_kernel(block_layout(m[:64, :64], (32, 32), kernel="dense"), "cpu")  # too small
+        'dense'
     """
     device = torch.device(device)
     r, c = layout.block
     blocky = r >= 16 and c >= 16 and layout.density <= 0.25
     if device.type == "cpu":
-        return "blocks" if blocky and dtype == torch.float32 else "dense"
+        big = layout.shape[0] * layout.shape[1] >= CPU_MIN_NUMEL
+        return "blocks" if blocky and big and dtype == torch.float32 else "dense"
     if device.type == "cuda":
         return "triton" if blocky and _triton_ok() else "dense"
     return "dense"

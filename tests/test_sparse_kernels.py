@@ -234,10 +234,12 @@ def test_export_sparse_modules_with_functional_call(device):
 
 
 def test_choose_kernel_table():
-    lay = block_layout(_block_mask(128, 128, (32, 32), 0.1, 0), (32, 32), kernel="dense")
-    dense_lay = block_layout(torch.ones(64, 64, dtype=torch.bool), (32, 32), kernel="dense")
-    unstructured = block_layout(_block_mask(64, 64, (1, 1), 0.1, 0), (1, 1), kernel="dense")
+    lay = block_layout(_block_mask(1024, 256, (32, 32), 0.1, 0), (32, 32), kernel="dense")
+    small = block_layout(_block_mask(512, 128, (32, 32), 0.1, 0), (32, 32), kernel="dense")
+    dense_lay = block_layout(torch.ones(1024, 256, dtype=torch.bool), (32, 32), kernel="dense")
+    unstructured = block_layout(_block_mask(1024, 256, (1, 1), 0.1, 0), (1, 1), kernel="dense")
     assert choose_kernel(lay, "cpu") == "blocks"
+    assert choose_kernel(small, "cpu") == "dense"
     assert choose_kernel(lay, "cpu", torch.bfloat16) == "dense"
     assert choose_kernel(dense_lay, "cpu") == "dense"
     assert choose_kernel(unstructured, "cpu") == "dense"
