@@ -17,11 +17,10 @@ run). One loop for training (docs/sparse_kernels.md)::
 
     layouts = rf.block_layouts(state.rigl.masks, (32, 32))
     for step ...:
-        lays = rf.with_dense_grad(layouts, tx.is_update_step(state))
-        grads = grad(loss)(params, lays, batch)     # the model calls sparse_linear
-        updated = tx.is_update_step(state)
+        update = tx.is_update_step(state)            # free: a CPU counter
+        grads = grad(loss)(params, rf.with_dense_grad(layouts, update), batch)  # the model calls sparse_linear
         params, state = tx.step(params, grads, state)
-        if updated:
+        if update:
             layouts = rf.block_layouts(state.rigl.masks, (32, 32))
 """
 
