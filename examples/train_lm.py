@@ -546,7 +546,7 @@ def comparisons(runs: list[dict]) -> str:
                     pairs.append(((method, sparsity, 1), (other, sparsity, 1)))
             if method == "rigl" and ("rigl-erk", sparsity, 1) in g:
                 pairs.append((("rigl-erk", sparsity, 1), (method, sparsity, 1)))
-        if mult > 1:
+        if mult > 1 and (method, sparsity, 1) in g:
             pairs.append(((method, sparsity, mult), (method, sparsity, 1)))
         rule, dist, block = parse_method(method)
         if block and mult == 1:
