@@ -2,7 +2,7 @@
 
 The corpus is real text present on every machine with Python: the standard library's own
 source files (``sysconfig.get_paths()["stdlib"]``). A fixed, sorted list of modules
-(:data:`TRAIN_MODULES`, about 1.8 MB) is concatenated for training and a fixed, disjoint
+(:data:`TRAIN_MODULES`, about 1.9 MB) is concatenated for training and a fixed, disjoint
 list (:data:`VAL_MODULES`, about 135 kB) is held out for validation; every name exists on
 Python 3.11, 3.12 and 3.13 (a package such as ``logging`` is read from its
 ``__init__.py``). The files differ a little between Python versions, so ``results.json``
@@ -13,7 +13,8 @@ blocks of ``LayerNorm -> causal self-attention (q, k, v, o projections, SDPA) ->
 and ``LayerNorm -> MLP (4x, GELU) -> residual``, a final LayerNorm, and an output head tied
 to the token embedding. The sparse weights are the attention projections and the MLP
 matrices (the ``nn.Linear`` weights: the library's module rule); embeddings, the tied head,
-norms and biases stay dense. The sparse set is printed at start.
+norms and biases stay dense. The sparse set is printed at start. Every sparse matmul goes through
+one function, :func:`linear` (``x @ w.T + b``): the place to swap in a sparse kernel.
 
 Training is functional: ``torch.func.grad`` of a ``functional_call`` loss, then one
 ``tx.step`` of ``rigl_func.rigl(config, rigl_func.adamw(schedule))`` per iteration
@@ -25,7 +26,7 @@ mean ± std over seeds, density, training and inference FLOPs relative to dense)
 plots (validation-loss curves, mean ± 1 std band over seeds; final bits per byte against
 sparsity) and ``results.json`` in ``--out``.
 
-    python examples/train_lm.py                      # rigl vs dense at 90%, 3 seeds (2 worker processes)
+    python examples/train_lm.py                      # dense, static, SET, RigL, RigL-ERK at 90%, 3 seeds (2 workers)
     python examples/train_lm.py --smoke              # CI: < 1 min on 2 CPU cores
     python examples/train_lm.py --study              # the docs/results.md LM study (see there)
     python examples/train_lm.py --ensemble --seeds 4 --methods rigl   # 4 seeds in one vmap'd step_ensemble
