@@ -47,7 +47,6 @@ import multiprocessing
 import platform
 import re
 import statistics
-import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
