@@ -13,7 +13,11 @@
 # (c) runs `python -m benchmarks.gpu`, which writes OUTDIR/gpu_report.md and .json;
 # (d) the sparse kernels: tests/test_sparse_kernels.py on CUDA, then
 #     `python -m benchmarks --only sparse_speedup --device cuda` (OUTDIR/sparse_speedup.txt,
-#     .md). `SPARSE_ONLY=1 bash benchmarks/gpu_check.sh OUTDIR` runs (a) and (d) only.
+#     .md). `SPARSE_ONLY=1 bash benchmarks/gpu_check.sh OUTDIR` runs (a) and (d) only;
+# (e) the batched engine at scale (issue 17): `python -m benchmarks.engine_gpu` (ResNet-50
+#     uniform/ERK and a 1.2B-weight GPT stack: eager, CUDA graph, per-layer, peak memory,
+#     and a torch.profiler table of the update's top CUDA kernels (topk, scans, copies) in
+#     OUTDIR/engine_gpu.md); 45 s on an H200. `ENGINE_ONLY=1` runs (a) and (e) only.
 #
 # Every part has its own timeout (sum: 350 s + 240 s for (d)) and runs even if an earlier part failed;
 # each part's output is in OUTDIR/<part>.txt, the overview in OUTDIR/summary.md. Exit
@@ -39,6 +43,7 @@ export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 T_INSTALL=30 T_CUDA_TESTS=140 T_SUITE=50 T_BENCH=130 BENCH_BUDGET=105  # test_cuda: + the compiled one-call step (issue 13)
 T_SPARSE_TESTS=90 T_SPARSE_BENCH=150  # (d) sparse kernels (issue 20)
+T_ENGINE=150  # (e) the batched engine at scale (issue 17)
 START=$SECONDS
 FAILED=0
 printf '# GPU check summary\n\n| part | exit | seconds | output |\n| :--- | ---: | ---: | :--- |\n' > "$OUT/summary.md"
@@ -108,7 +113,7 @@ export PYTHONPATH
 (command -v nvidia-smi > /dev/null && timeout 15 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1) || true
 
 # (b) CUDA tests ----------------------------------------------------------------------
-if [[ -z ${SPARSE_ONLY:-} ]]; then
+if [[ -z ${SPARSE_ONLY:-} && -z ${ENGINE_ONLY:-} ]]; then
 part test_cuda "$T_CUDA_TESTS" "$PY" -m pytest -p no:cacheprovider -v -rfEsxX --tb=short --durations=10 \
     --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
 part test_suite_cuda "$T_SUITE" "$PY" -m pytest -p no:cacheprovider -q -rfE --tb=short --durations=10 \
@@ -134,10 +139,17 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
     SPARSE_ARGS=(--device cpu --smoke)
 fi
+if [[ -z ${ENGINE_ONLY:-} ]]; then
 part test_sparse_kernels_cuda "$T_SPARSE_TESTS" "$PY" -m pytest -p no:cacheprovider -q -rfEs --tb=short \
     --junitxml="$OUT/test_sparse_kernels_cuda.xml" -k "cuda or triton" tests/test_sparse_kernels.py
 part sparse_speedup "$T_SPARSE_BENCH" "$PY" -m benchmarks --only sparse_speedup "${SPARSE_ARGS[@]}" \
     --out "$OUT/sparse_speedup.md"
+fi  # ENGINE_ONLY
+
+# (e) the batched engine at scale (issue 17) ---------------------------------------
+if [[ -z ${SPARSE_ONLY:-} ]]; then
+part engine_gpu "$T_ENGINE" "$PY" -m benchmarks.engine_gpu --out "$OUT"
+fi
 
 printf '\nTotal: %s s. Report: gpu_report.md (numbers), test_cuda.txt / test_suite_cuda.txt (pytest).\n' \
     "$((SECONDS - START))" >> "$OUT/summary.md"
