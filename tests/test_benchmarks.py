@@ -158,11 +158,9 @@ def test_write_results_keeps_hand_written_sections():
     kept = hand_written_sections(text)
     assert kept == ["## Issue 1 (hand-written, today)", "", "kept", "```", "## not a heading", "```", "",
                     "## GPU check (hand-written, today)", "", "also kept", ""]
-    real = hand_written_sections((Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text())
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    real = hand_written_sections(text)
     headings = [line for line in real if line.startswith("## ") and "hand-written" in line]
-    assert [h.split(" (")[0] for h in headings] == ["## Performance summary by issue, as docs/performance.md had it "
-                                                    "until issue 19",
-                                                    "## Issue 17: the batched engine at scale, measured on an H200",
-                                                    "## Sparse kernels: GPT MLP block, CPU",
-                                                    "## Issue 13: one call per iteration, `tx.step`",
-                                                    "## Issue 11: batched update, one-launch masking", "## GPU check"]
+    # every hand-written heading of the real file is kept, in file order (sections get added over time)
+    assert headings == [line for line in text.splitlines() if line.startswith("## ") and "(hand-written" in line]
+    assert {"## Issue 13: one call per iteration, `tx.step`", "## GPU check"} <= {h.split(" (")[0] for h in headings}
