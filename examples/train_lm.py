@@ -30,6 +30,7 @@ sparsity) and ``results.json`` in ``--out``.
     python examples/train_lm.py --smoke              # CI: < 1 min on 2 CPU cores
     python examples/train_lm.py --study              # the docs/results.md LM study (see there)
     python examples/train_lm.py --ensemble --seeds 4 --methods rigl   # 4 seeds in one vmap'd step_ensemble
+    python examples/train_lm.py --methods dense rigl-b32 --sparse-kernels --seeds 1   # ms/step: kernels vs dense
     python examples/train_lm.py --device cuda --layers 6 --width 384 --heads 6 --context 256 \\
         --batch-size 64 --steps 5000 --jobs 1 --sparsity 0.8 0.9 0.95   # a larger model on a GPU
 
@@ -136,8 +137,9 @@ class GPTConfig:
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The one place where the model's sparse layers are computed: ``x @ weight.T + bias``.
 
-    ``weight`` is the masked dense weight (``[out, in]``, inactive entries 0). A sparse kernel
-    (``--sparse-kernels``) replaces this function; nothing else in the model changes.
+    ``weight`` is the masked dense weight (``[out, in]``, inactive entries 0). With
+    ``--sparse-kernels`` the block-structured runs swap these modules for ``rigl_func.SparseLinear``
+    (``rigl_func.sparse_modules``: same parameter names, block-sparse kernels); nothing else changes.
     """
     return F.linear(x, weight, bias)
 
@@ -332,6 +334,13 @@ def train_one(job: tuple[str, float, int, int], args: argparse.Namespace) -> dic
     params, state = tx.init(model, seed=seed)
     loss_fn = loss_of(model)
     step_fn = grad_and_value(loss_fn)
+    block = parse_method(method)[2]
+    kernels = bool(getattr(args, "sparse_kernels", False)) and block is not None
+    if kernels:  # --sparse-kernels: the block-sparse Linear layers run rigl_func.sparse_linear
+        layouts = rf.block_layouts(state.rigl.masks, (block, block))  # once per topology update
+        smodel = rf.sparse_modules(model, layouts)  # same parameter names: the same params dict
+        loss_fn = loss_of(smodel)
+        step_fn = grad_and_value(loss_fn)
     train, val = data["train"], data["val"]
     starts_val = val_starts(len(val), args.val_windows, cfg.context)
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -341,8 +350,13 @@ def train_one(job: tuple[str, float, int, int], args: argparse.Namespace) -> dic
     for step in range(1, steps + 1):
         starts = torch.randint(0, len(train) - cfg.context - 1, (args.batch_size,), generator=gen)
         x, y = (t.to(dev) for t in batch_at(train, starts, cfg.context))
+        update = kernels and tx.is_update_step(state)  # the dense weight gradient only where RigL reads it
+        if kernels:
+            rf.set_layouts_(smodel, rf.with_dense_grad(layouts, update))
         grads, loss = step_fn(params, x, y)
         params, state = tx.step(params, clip_grad_norm(grads, args.clip), state)
+        if update:
+            layouts = rf.block_layouts(state.rigl.masks, (block, block))
         if step % 10 == 0 or step == steps:
             running.append(float(loss))
         if step % every == 0 or step == steps:
@@ -350,8 +364,9 @@ def train_one(job: tuple[str, float, int, int], args: argparse.Namespace) -> dic
             train_curve.append((step, statistics.mean(running) if running else float(loss)))
             running = []
     seconds = time.perf_counter() - t0
-    return _result(job, model, tx, params, state.rigl.masks, int(state.rigl.num_updates), curve, train_curve,
-                   seconds, args)
+    chosen = "+".join(sorted({lay.kernel for lay in layouts.values()})) if kernels else ""  # e.g. "blocks+dense"
+    return {**_result(job, model, tx, params, state.rigl.masks, int(state.rigl.num_updates), curve, train_curve,
+                      seconds, args), "sparse_kernels": chosen}
 
 
 def _result(job, model, tx, params, masks, num_updates, curve, train_curve, seconds, args) -> dict:
@@ -517,7 +532,8 @@ def summarize(runs: list[dict]) -> str:
         rows.append(f"| {label(method, mult)} | {sparsity:.2f} | {rs[0]['steps']} | {loss:.4f} ± {loss_sd:.4f} | "
                     f"{bpb:.4f} ± {bpb_sd:.4f} | {len(rs)} | {rs[0]['density']:.3f} / {rs[0]['sparse_density']:.3f} | "
                     f"{rs[0]['train_flops']:.3f}x | {rs[0]['infer_flops']:.3f}x | "
-                    f"{statistics.median(r['ms_per_step'] for r in rs):.0f} |")
+                    f"{statistics.median(r['ms_per_step'] for r in rs):.0f}"
+                    f"{' (kernels: ' + rs[0]['sparse_kernels'] + ')' if rs[0].get('sparse_kernels') else ''} |")
     return "\n".join(rows)
 
 
@@ -684,6 +700,10 @@ def parser() -> argparse.ArgumentParser:
                    help="no training: rebuild the table and plots of a stored results.json in --out")
     p.add_argument("--ensemble", action="store_true",
                    help="train the seeds of each method together (vmap(grad) + tx.step_ensemble), in-process")
+    p.add_argument("--sparse-kernels", action="store_true",
+                   help="block methods (-b16/-b32/-b64) run their sparse Linear layers with rigl_func.sparse_linear "
+                        "(the kernel rigl_func picks per layer: sparse where measured faster, else dense; the dense "
+                        "weight gradient only at update steps); the table's ms/step names the kernels used")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: dense + rigl, 1 seed, 120 steps of a 1-layer d=64 model")
     return p
 
@@ -697,6 +717,8 @@ def main(argv=None) -> list[dict]:
         args.seeds = 2 if args.ensemble else 1
         args.layers, args.width, args.heads, args.context, args.batch_size = 1, 64, 2, 32, 8
         args.evals, args.val_windows, args.mult = 4, 32, [1]
+    if args.sparse_kernels and args.ensemble:
+        parser().error("--sparse-kernels trains one model per process: drop --ensemble")
     if args.device.startswith("cuda") and args.jobs > 1:
         args.jobs = 1  # one process owns the GPU
     from tqdm.auto import tqdm
