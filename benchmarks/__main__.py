@@ -8,7 +8,9 @@
 
 Benchmarks (``--only``): topology (update_topology vs a topk floor), rigl_torch (one
 update step vs rigl-torch 0.5.2), train_step (training-step overhead vs dense), vmap
-(vmapped ensembles vs a loop), memory (bytes per sparse weight). rigl-torch and
+(vmapped ensembles vs a loop), memory (bytes per sparse weight), sparse_speedup (sparse
+kernels vs dense on a GPT MLP block; its last line ``sparse_speedup <device>: mlp_fwd <X>x
+mlp_train <Y>x (95% block 32x32)``). rigl-torch and
 torchvision are optional: without them the affected rows say ``skipped: <reason>``.
 
 Threads: ``--threads`` (default 1, set before anything runs; 0 keeps torch's default,
