@@ -153,7 +153,11 @@ def test_vmap_equals_loop():
     batched = vmap(grad(loss, argnums=(0, 1)))(ws, xs)
     looped = [grad(loss, argnums=(0, 1))(ws[k], xs[k]) for k in range(3)]
     for i in range(2):
-        torch.testing.assert_close(batched[i], torch.stack([g[i] for g in looped]))
+        # vmap runs batched matmuls, which sum in another order than the loop's: fp32
+        # rounding (torch 2.13's CPU bmm differed by 2e-5 relative, above assert_close's 1.3e-6
+        # rtol / 1e-5 atol default for these magnitudes); scaled to the gradient's size.
+        ref = torch.stack([g[i] for g in looped])
+        torch.testing.assert_close(batched[i], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("kernel", ["dense", "blocks"])
@@ -270,7 +274,11 @@ print("triton interpreter ok")
 
 
 def test_triton_interpreter():
-    pytest.importorskip("triton", reason="triton not installed")
+    triton = pytest.importorskip("triton", reason="triton not installed")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"triton {triton.__version__}: its interpreter raises InterpreterError('only 0-dimensional "
+                    "arrays can be converted to Python scalars') on these kernels (seen with triton 3.6 on the "
+                    "GPU machine, where test_cuda_* run the compiled kernels instead); checked with triton 3.8")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
@@ -349,7 +357,10 @@ def test_cuda_triton_forward_and_gradients_have_no_host_sync():
     from rigl_func.dispatch import count_ops
 
     mask, w, x, b, lay = _case("triton", "cuda", torch.bfloat16, (32, 32))
-    assert block_layout(mask, (32, 32), dtype=torch.bfloat16).kernel == "triton"  # the auto choice on CUDA
+    # auto stays dense on CUDA: the Triton kernel measured slower than dense on an H200
+    # (choose_kernel); this test runs the Triton kernel by name.
+    assert block_layout(mask, (32, 32), dtype=torch.bfloat16).kernel == "dense"
+    assert lay.kernel == "triton"
 
     def loss(w, x):
         return sparse_linear(x, w, lay, b).float().pow(2).sum()
