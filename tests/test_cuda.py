@@ -225,7 +225,14 @@ def test_cpu_and_cuda_give_identical_masks(name):
 # ---------------------------------------------------------------------------------
 # 4. torch.compile on CUDA.
 
+_TORCH_2_11 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 @requires_cuda
+@pytest.mark.xfail(_TORCH_2_11, strict=True, reason=(
+    "torch < 2.13 (pyproject requires >= 2.13): torch 2.11's dynamo returns the RigLState NamedTuple of a "
+    "compiled update_topology empty (len 0), on the CPU and on CUDA, with either engine (seen on the GPU "
+    "machine, 2026-12-04); torch 2.13/2.14 compile it correctly (tests/test_batched_update.py)"))
 @pytest.mark.parametrize("name", ["rigl-erk", "set-uniform"])
 def test_compile_on_cuda_equals_eager_without_recompiles(name):
     torch._dynamo.reset()
