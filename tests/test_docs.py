@@ -160,9 +160,11 @@ def test_every_public_name_is_in_api_md(module):
 
 
 def _bash_blocks(text: str) -> list[list[str]]:
-    """The command lines (comments and blank lines dropped) of each ```` ```bash ```` block."""
+    """The commands (comments and blank lines dropped, ``a && b`` as two) of each
+    ```` ```bash ```` block."""
     blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
-    return [[ln.split(" #", 1)[0].strip() for ln in b.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [[cmd.strip() for ln in b.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+             for cmd in ln.split(" #", 1)[0].split(" && ")]
             for b in blocks]
 
 
