@@ -257,8 +257,8 @@ def _grow_values(scores: Tensor, can_grow: Tensor, nonneg: bool) -> tuple[Tensor
 
 def _update_chunk(chunk: Chunk, params, growth, masks, ema, names: tuple, extras: list, row_keys: Optional[Tensor],
                   caps_t: Tensor, sizes_t: Tensor, fraction: Tensor, drop_fn, grow_fn,
-                  config) -> tuple[Tensor, Tensor, Tensor]:
-    """New mask rows, new param rows and old mask rows of one chunk."""
+                  config) -> tuple[Tensor, Tensor]:
+    """New mask rows and new param rows of one chunk."""
     rows_names = [names[i] for i in chunk.layers]
     width = chunk.width
     mask = pad_rows([masks[n] for n in rows_names], width, False)
@@ -306,7 +306,7 @@ def _update_chunk(chunk: Chunk, params, growth, masks, ema, names: tuple, extras
         fresh = grown.logical_and(mask.logical_not())
         new_params = torch.where(fresh, config.grow_init_scale * torch.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0),
                                  new_params)
-    return new_mask, new_params, mask
+    return new_mask, new_params
 
 
 def _unpad(rows: Tensor, sizes: list, out: Optional[Tensor]) -> Tensor:
@@ -358,7 +358,6 @@ def update_layers_batched(
     drop_fn = resolve_criterion(config.drop_criterion, "drop_criterion")
     grow_fn = resolve_criterion(config.grow_criterion, "grow_criterion")
     sizes = tuple(masks[n].numel() for n in names)
-    caps = tuple(min(c, s) for c, s in zip(caps, sizes))
     devices = tuple(masks[n].device for n in names)
     kinds = tuple((str(d), params[n].dtype) for d, n in zip(devices, names))
     plan = plan_chunks(sizes, caps, kinds, getattr(config, "update_chunk", 0))
@@ -407,8 +406,8 @@ def _update_device(plan, chunk_caps, chunk_keys, params, growth, masks, ema, nam
     for c, (caps_t, sizes_t), row_keys in zip(plan, chunk_caps, chunk_keys):
         c_sizes = [sizes[i] for i in c.layers]
         span = sum(c_sizes)
-        new_mask, new_param, old_mask = _update_chunk(c, params, growth, masks, ema, names, extras, row_keys, caps_t,
-                                                      sizes_t, fraction, drop_fn, grow_fn, config)
+        new_mask, new_param = _update_chunk(c, params, growth, masks, ema, names, extras, row_keys, caps_t,
+                                            sizes_t, fraction, drop_fn, grow_fn, config)
         dt = new_param.dtype
         if chunked:
             flat_mask = _unpad(new_mask, c_sizes, mask_out[at:at + span])
@@ -416,14 +415,14 @@ def _update_device(plan, chunk_caps, chunk_keys, params, growth, masks, ema, nam
         else:
             flat_mask, flat_param = _unpad(new_mask, c_sizes, None), _unpad(new_param, c_sizes, None)
         mask_parts.append(flat_mask)
-        param_parts.setdefault(dt, []).append((c, flat_param))
+        param_parts.setdefault(dt, []).append(flat_param)
         at += span
         dt_at[dt] += span
-        del new_mask, new_param, old_mask
+        del new_mask, new_param
     if not chunked and len(plan) > 1:  # compiled or vmapped: one buffer by concatenation
         mask_parts = [torch.cat(mask_parts)]
         for dt, parts in param_parts.items():
-            param_parts[dt] = [(None, torch.cat([p for _, p in parts]))]
+            param_parts[dt] = [torch.cat(parts)]
     # Views, in plan order.
     order = [i for c in plan for i in c.layers]
     flat_mask = mask_out if chunked else mask_parts[0]
@@ -431,7 +430,7 @@ def _update_device(plan, chunk_caps, chunk_keys, params, growth, masks, ema, nam
         new_masks[names[i]] = part.view(masks[names[i]].shape)
     for dt in dtype_total:
         dt_order = [i for c in plan if params[names[c.layers[0]]].dtype == dt for i in c.layers]
-        flat = param_out[dt] if chunked else param_parts[dt][0][1]
+        flat = param_out[dt] if chunked else param_parts[dt][0]
         for i, part in zip(dt_order, flat.split([sizes[i] for i in dt_order])):
             new_params[names[i]] = part.view(params[names[i]].shape)
     if config.grow_init == "normal":  # per-layer statistics: the per-layer code, on views
