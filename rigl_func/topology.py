@@ -329,7 +329,7 @@ def _check_values(state, config, growth, stacklevel: int, debug: bool, caller: s
                       "with masked gradients it regrows what it dropped)", UserWarning, stacklevel=stacklevel)
 
 
-def _update_topology(params, grads, state, config, aux, *, batched: bool, debug: bool = False,
+def _update_topology(params, grads, state, config, aux, *, batched: Union[bool, str], debug: bool = False,
                      caller: str = "update_topology"):
     """The update; ``caller`` names the public entry point in warnings (``"tx.step"``).
     Layers fused by ``config.fused_splits`` run as their row blocks (:mod:`rigl_func.fused`)."""
@@ -343,8 +343,10 @@ def _update_topology(params, grads, state, config, aux, *, batched: bool, debug:
                          stacklevel=level)
 
 
-def _update_split(params, grads, state, config, aux, *, batched: bool, debug: bool = False,
+def _update_split(params, grads, state, config, aux, *, batched: Union[bool, str], debug: bool = False,
                   caller: str = "update_topology", stacklevel: int = 4):
+    """``batched``: True (the batched engine), False (per layer) or ``"auto"`` (batched for
+    the layers off the CPU)."""
     _check_types(state, config)
     _check_tree(params, state.masks, "params")
     accumulating = config.grad_accumulation_n > 1
